@@ -1,0 +1,241 @@
+"""Typed view of params.yaml: parsed once, unknown keys are errors that name the key.
+
+Apply a preset (deep-merged over params.yaml):
+    python -m stages.common.config --apply presets/recipe-llama-3.1-8b.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Strict):
+    base_corpus: Path
+    base: Path
+    raw: Path
+    clean: Path
+    formatted: Path
+    sft: Path
+    sft_merged: Path
+    dpo: Path
+    checkpoints: Path
+    reports: Path
+    cache: Path
+
+
+class ModelConfig(Strict):
+    base: str = "tiny"
+    chat_template: Literal["chatml", "llama3", "llama2", "zephyr", "plain"] = "llama3"
+    max_seq_length: int = Field(256, gt=0)
+    seed: int = 3407
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.base == "tiny"
+
+
+class BaseConfig(Strict):
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(352, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    corpus_size: int = Field(1500, gt=0)
+    epochs: float = Field(2, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class PersonaConfig(Strict):
+    name: str
+    description: str
+
+
+class AnthropicConfig(Strict):
+    model: str = "claude-sonnet-4-6"
+    max_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(1.0, ge=0, le=1)
+
+
+class GenerateConfig(Strict):
+    provider: Literal["auto", "anthropic", "offline"] = "auto"
+    sft_count: int = Field(1000, ge=0)
+    dpo_count: int = Field(200, ge=0)
+    seed: int = 42
+    persona: PersonaConfig
+    categories: list[str] = Field(min_length=1)
+    anthropic: AnthropicConfig = AnthropicConfig()
+
+
+class ValidateConfig(Strict):
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 42
+    min_chars: int = Field(2, ge=1)
+    max_tokens: int = Field(256, gt=0)
+    max_reject_share: float = Field(0.2, ge=0, le=1)
+
+
+class FormatConfig(Strict):
+    golden_check: bool = True
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class QuantizationConfig(Strict):
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class PartialConfig(Strict):
+    last_n_blocks: int = Field(1, gt=0)
+
+
+Engine = Literal["unsloth", "transformers", "auto"]
+Method = Literal["lora", "qlora", "full", "partial"]
+
+
+class SftConfig(Strict):
+    engine: Engine = "auto"
+    method: Method = "qlora"
+    assistant_only_loss: bool = True
+    lora: LoraConfig = LoraConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    partial: PartialConfig = PartialConfig()
+    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.SFTConfig
+
+
+class MergeConfig(Strict):
+    tolerance: float = Field(1e-3, gt=0)
+
+
+class DpoConfig(Strict):
+    beta: float = Field(0.1, gt=0)
+    lora: LoraConfig = LoraConfig(r=8, alpha=16)
+    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig
+
+
+class GatesConfig(Strict):
+    dpo_margin_above_sft: bool = True
+    sft_margin_above_base: bool = True
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(16, gt=0)
+    max_pairs: int = Field(200, gt=0)
+    max_sft_examples: int = Field(200, gt=0)
+    samples: int = Field(4, ge=0)
+    gates: GatesConfig = GatesConfig()
+
+
+class Params(Strict):
+    paths: PathsConfig
+    model: ModelConfig = ModelConfig()
+    base: BaseConfig = BaseConfig()
+    generate: GenerateConfig
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    format: FormatConfig = FormatConfig()
+    sft: SftConfig = SftConfig()
+    merge: MergeConfig = MergeConfig()
+    dpo: DpoConfig = DpoConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validate(self) -> ValidateConfig:  # type: ignore[override]
+        return self.validate_
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or does not match the schema; the message names file and key."""
+
+
+def _describe(err: ValidationError, source: Path) -> str:
+    lines = [f"{source}: {len(err.errors())} invalid parameter(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelt? see the schema in stages/common/config.py)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any], source: Path = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_describe(err, source)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found (run from the repository root)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    return parse_params(read_yaml(path), path)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return base with override merged in; mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--apply", type=Path, help="preset YAML deep-merged into --params")
+    parser.add_argument("--check", action="store_true", help="only validate --params")
+    args = parser.parse_args()
+    data = read_yaml(args.params)
+    if args.apply:
+        data = deep_merge(data, read_yaml(args.apply))
+        parse_params(data, args.apply)
+        args.params.write_text(yaml.safe_dump(data, sort_keys=False))
+        print(f"applied {args.apply} to {args.params}")
+    else:
+        parse_params(data, args.params)
+        print(f"{args.params}: ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Named chat templates (Jinja, Hugging Face `chat_template` format) and their control strings.
+
+Every template marks assistant content and its end-of-turn token with `{% generation %}` so
+`apply_chat_template(..., return_assistant_tokens_mask=True)` yields exact loss masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    jinja: str
+    special_tokens: tuple[str, ...]  # control strings a row must never contain
+    eot: str  # end-of-turn string closing every assistant turn
+
+
+LLAMA3 = ChatTemplate(
+    name="llama3",
+    jinja=(
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    eot="<|eot_id|>",
+)
+
+CHATML = ChatTemplate(
+    name="chatml",
+    jinja=(
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] | trim }}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ message['content'] | trim }}{{ '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+    eot="<|im_end|>",
+)
+
+LLAMA2 = ChatTemplate(
+    name="llama2",
+    jinja=(
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system = '<<SYS>>\n' + messages[0]['content'] | trim + '\n<</SYS>>\n\n' %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+        "{% else %}{% generation %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endgeneration %}"
+        "{% endif %}{% endfor %}"
+    ),
+    special_tokens=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
+    eot="</s>",
+)
+
+ZEPHYR = ChatTemplate(
+    name="zephyr",
+    jinja=(
+        "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\n' }}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] | trim + eos_token }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ message['content'] | trim + eos_token + '\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    special_tokens=("<|system|>", "<|user|>", "<|assistant|>"),
+    eot="</s>",
+)
+
+PLAIN = ChatTemplate(
+    name="plain",
+    jinja=(
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}"
+        "{{ 'Assistant: ' }}{% generation %}{{ message['content'] | trim + eos_token }}{% endgeneration %}{{ '\n' }}"
+        "{% elif message['role'] == 'system' %}{{ message['content'] | trim + '\n' }}"
+        "{% else %}{{ 'User: ' + message['content'] | trim + '\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    ),
+    special_tokens=(),
+    eot="</s>",
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA3, CHATML, LLAMA2, ZEPHYR, PLAIN)}
+
+
+def get_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}") from None
