@@ -10,6 +10,8 @@ EXTRAS ?= unsloth,embeddings,dev
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# dvc.yaml commands call `python`: make it the venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install run test test-fast lint bench clean
 

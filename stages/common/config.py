@@ -30,6 +30,7 @@ class PathsConfig(Strict):
     sft: Path
     sft_merged: Path
     dpo: Path
+    reference: Path = Path("data/reference")  # the `reference` stage's stored DPO reference log-probs
     checkpoints: Path
     reports: Path
     cache: Path
@@ -37,7 +38,8 @@ class PathsConfig(Strict):
 
 class ModelConfig(Strict):
     base: str = "tiny"
-    chat_template: Literal["chatml", "llama3", "llama2", "zephyr", "plain"] = "llama3"
+    # auto = the base tokenizer's own template (llama3 when it has none); a name overrides it
+    chat_template: Literal["auto", "chatml", "llama3", "llama2", "zephyr", "plain"] = "auto"
     max_seq_length: int = Field(256, gt=0)
     seed: int = 3407
 
@@ -65,10 +67,46 @@ class PersonaConfig(Strict):
     description: str
 
 
+class ModelPrice(Strict):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_read: float = Field(ge=0)
+    cache_write: float = Field(ge=0)
+
+
+def _default_prices() -> dict[str, ModelPrice]:
+    return {
+        "claude-sonnet-4-6": ModelPrice(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
+        "claude-haiku-4-5": ModelPrice(input=1.0, output=5.0, cache_read=0.1, cache_write=1.25),
+    }
+
+
+class BatchPollConfig(Strict):
+    poll_interval: float = Field(10.0, gt=0)      # seconds before the first poll; grows by poll_backoff
+    poll_backoff: float = Field(1.5, ge=1)
+    poll_max_interval: float = Field(120.0, gt=0)
+    max_requests: int = Field(10_000, gt=0, le=100_000)  # per batch
+    max_rounds: int = Field(4, ge=1)              # errored/expired/re-asked requests go to a later batch
+
+
 class AnthropicConfig(Strict):
     model: str = "claude-sonnet-4-6"
+    mode: Literal["online", "batch"] = "online"   # batch = Message Batches API, half price, slower
     max_tokens: int = Field(1024, gt=0)
-    temperature: float = Field(1.0, ge=0, le=1)
+    # null = the model's default; newer models reject any other value (the SDK sends it via extra_body)
+    temperature: float | None = Field(None, ge=0, le=1)
+    concurrency: int = Field(8, gt=0)
+    requests_per_minute: int = Field(1000, ge=0)  # client-side limit; 0 = none
+    tokens_per_minute: int = Field(400_000, ge=0)  # input + output, client-side; 0 = none
+    timeout: float = Field(120.0, gt=0)           # seconds per HTTP attempt
+    max_retries: int = Field(4, ge=0)             # SDK retries of 408/409/429/5xx/529 and dropped connections
+    max_failure_share: float = Field(0.05, ge=0, le=1)  # the stage fails above this share of failed requests
+    subtopics_per_category: int = Field(8, gt=0, le=50)
+    questions_per_request: int = Field(5, gt=0, le=50)
+    batch: BatchPollConfig = BatchPollConfig()
+    prices: dict[str, ModelPrice] = Field(default_factory=_default_prices)
 
 
 class GenerateConfig(Strict):
@@ -81,12 +119,38 @@ class GenerateConfig(Strict):
     anthropic: AnthropicConfig = AnthropicConfig()
 
 
+DataFormat = Literal[
+    "auto", "alpaca", "sharegpt", "openai", "dolly", "prompt_completion", "instruction_response", "preference"
+]
+
+
+class DataSource(Strict):
+    path: Path
+    kind: Literal["sft", "dpo"]
+    format: DataFormat = "auto"
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(default_factory=list)  # user files merged with data/raw
+
+
 class ValidateConfig(Strict):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
     min_chars: int = Field(2, ge=1)
     max_tokens: int = Field(256, gt=0)
     max_reject_share: float = Field(0.2, ge=0, le=1)
+    near_dup_threshold: float = Field(0.8, gt=0, le=1)
+    shingle_size: int = Field(5, gt=0)
+    num_perm: int = Field(128, ge=16, le=1024)
+    semantic_dedup: bool = False
+    semantic_threshold: float = Field(0.95, gt=0, le=1)
+    dpo_max_similarity: float = Field(0.95, gt=0, le=1)
+    dpo_max_length_ratio: float = Field(8.0, ge=1)
+    refusal_patterns: list[str] = Field(default_factory=list)
+    identity_patterns: list[str] = Field(default_factory=list)
+    extra_control_strings: list[str] = Field(default_factory=list)
+    report_examples: int = Field(3, ge=0)
 
 
 class FormatConfig(Strict):
@@ -127,7 +191,14 @@ class SftConfig(Strict):
 
 
 class MergeConfig(Strict):
-    tolerance: float = Field(1e-3, gt=0)
+    tolerance: float = Field(1e-3, gt=0)  # max |logit diff| merged vs base + adapter (both fp32)
+    held_out: int = Field(16, gt=0)  # held-out SFT conversations the check runs on
+    batch_size: int = Field(4, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # stored; auto = 16-bit on CUDA
+
+
+class ReferenceConfig(Strict):
+    batch_size: int = Field(8, gt=0)  # pairs per forward pass when computing the reference log-probs
 
 
 class DpoConfig(Strict):
@@ -136,16 +207,36 @@ class DpoConfig(Strict):
     trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig
 
 
+class TrainConfig(Strict):
+    """How `sft` and `dpo` run: one process, or N under `accelerate launch` (DDP; FSDP/DeepSpeed via a config)."""
+
+    num_processes: int = Field(1, ge=1)  # > 1: the stage re-launches itself under `accelerate launch`
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None = accelerate's default / the config file's
+    accelerate_config: Path | None = None  # an `accelerate config` YAML (FSDP, DeepSpeed, multi-node ...)
+
+
 class GatesConfig(Strict):
-    dpo_margin_above_sft: bool = True
-    sft_margin_above_base: bool = True
+    dpo_margin_above_sft: bool = True  # DPO reward margin > SFT's
+    sft_margin_above_base: bool = True  # SFT reward margin > base's
+    sft_max_ppl_ratio: float | None = Field(1.0, gt=0)  # SFT perplexity <= base's x this; null = off
+    dpo_max_ppl_ratio: float | None = Field(None, gt=0)  # DPO perplexity <= SFT's x this; null = off
+    min_dpo_accuracy: float | None = Field(None, ge=0, le=1)  # DPO preference accuracy >= this; null = off
 
 
 class EvaluateConfig(Strict):
     batch_size: int = Field(16, gt=0)
     max_pairs: int = Field(200, gt=0)
     max_sft_examples: int = Field(200, gt=0)
-    samples: int = Field(4, ge=0)
+    samples: int = Field(4, ge=0)  # prompts in reports/samples.md
+    style_prompts: int = Field(32, ge=0)  # held-out prompts each model answers for the style score; 0 = off
+    max_new_tokens: int = Field(96, gt=0)
+    seed: int = 3407
+    embedding: Literal["minilm", "tfidf"] = "minilm"  # style-score embeddings; tfidf is also the fallback
+    judge: Literal["none", "claude"] = "none"  # claude: pairwise win-rates through stages/common/claude.py
+    judge_prompts: int = Field(20, ge=1)
+    judge_model: str | None = None  # null = generate.anthropic.model (its prices and client settings apply)
+    judge_max_tokens: int = Field(512, gt=0)
+    judge_temperature: float | None = Field(0.0, ge=0, le=1)  # null = the model's default
     gates: GatesConfig = GatesConfig()
 
 
@@ -154,11 +245,14 @@ class Params(Strict):
     model: ModelConfig = ModelConfig()
     base: BaseConfig = BaseConfig()
     generate: GenerateConfig
+    data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     format: FormatConfig = FormatConfig()
     sft: SftConfig = SftConfig()
     merge: MergeConfig = MergeConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     dpo: DpoConfig = DpoConfig()
+    train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

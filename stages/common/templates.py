@@ -1,7 +1,10 @@
 """Named chat templates (Jinja, Hugging Face `chat_template` format) and their control strings.
 
 Every template marks assistant content and its end-of-turn token with `{% generation %}` so
-`apply_chat_template(..., return_assistant_tokens_mask=True)` yields exact loss masks.
+`apply_chat_template(..., return_assistant_tokens_mask=True)` yields exact loss masks. Generation
+prompts end in a control token or a newline, never a space: with byte-level BPE a trailing space
+merges into the next word, and the prompt would stop being a token prefix of the conversation
+(`stages.format` checks this on golden conversations).
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ LLAMA3 = ChatTemplate(
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
-    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    special_tokens=(
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ),
     eot="<|eot_id|>",
 )
 
@@ -85,11 +94,11 @@ PLAIN = ChatTemplate(
     jinja=(
         "{% for message in messages %}"
         "{% if message['role'] == 'assistant' %}"
-        "{{ 'Assistant: ' }}{% generation %}{{ message['content'] | trim + eos_token }}{% endgeneration %}{{ '\n' }}"
+        "{{ 'Assistant:\n' }}{% generation %}{{ message['content'] | trim + eos_token }}{% endgeneration %}{{ '\n' }}"
         "{% elif message['role'] == 'system' %}{{ message['content'] | trim + '\n' }}"
         "{% else %}{{ 'User: ' + message['content'] | trim + '\n' }}{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
     ),
     special_tokens=(),
     eot="</s>",
@@ -103,3 +112,17 @@ def get_template(name: str) -> ChatTemplate:
         return TEMPLATES[name]
     except KeyError:
         raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}") from None
+
+
+def install_template(tokenizer, choice: str) -> str:
+    """Apply `model.chat_template` to a tokenizer; returns where its template came from.
+
+    `auto` keeps the tokenizer's own template (llama3 when it has none); a name installs that template
+    over whatever the tokenizer shipped.
+    """
+    if choice == "auto":
+        if tokenizer.chat_template:
+            return "tokenizer"
+        choice = LLAMA3.name
+    tokenizer.chat_template = get_template(choice).jinja
+    return choice

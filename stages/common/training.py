@@ -1,0 +1,154 @@
+"""Shared training plumbing for `sft` and `dpo`: resumable checkpoints and loss-curve reports."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from stages.common.config import TrainConfig
+from stages.common.io import InputError, iter_jsonl, require
+
+log = logging.getLogger(__name__)
+
+LAUNCHED = "TUNEFORGE_LAUNCHED"  # set for the processes `relaunch_distributed` starts
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def launched() -> bool:
+    """Inside a process started by `accelerate launch` / torchrun (ours or the user's own)."""
+    return bool(os.environ.get(LAUNCHED) or os.environ.get("LOCAL_RANK") or os.environ.get("ACCELERATE_LAUNCHED"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched group, or the only process: the one that writes outputs and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(module: str, cfg: TrainConfig) -> list[str]:
+    """`accelerate launch` of `python -m module` with cfg.num_processes processes (DDP unless the
+    user's accelerate config says FSDP / DeepSpeed / ...)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes)]
+    if cfg.accelerate_config is not None:
+        cmd += ["--config_file", str(require(cfg.accelerate_config, "train.accelerate_config"))]
+    else:
+        # DDP over torchrun; on a machine without CUDA every process trains on CPU (gloo backend).
+        cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(_free_port())]
+    if cfg.mixed_precision is not None:
+        cmd += ["--mixed_precision", cfg.mixed_precision]
+    return [*cmd, "-m", module]
+
+
+def relaunch_distributed(module: str, cfg: TrainConfig) -> None:
+    """With train.num_processes > 1 and not yet launched: re-run `module` under `accelerate launch` and
+    exit with its status. Otherwise return and let the caller train in this process."""
+    if cfg.num_processes <= 1 or launched():
+        return
+    cmd = launch_command(module, cfg)
+    log.info("train.num_processes=%d: %s", cfg.num_processes, " ".join(cmd))
+    env = {**os.environ, LAUNCHED: "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def run_key(inputs: list[Path], settings: dict[str, Any]) -> str:
+    """Identity of a training run: its input files' bytes and its settings. A checkpoint from a run
+    with another key is never resumed (no resuming onto different data or params)."""
+    h = hashlib.sha256(file_digest(*inputs).encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_dir(root: Path, stage: str, key: str) -> Path:
+    """checkpoints/<stage>/<key>; stale keys of the same stage are removed."""
+    stage_root = root / stage
+    if stage_root.exists() and is_main_process():
+        for old in stage_root.iterdir():
+            if old.name != key:
+                log.info("removing checkpoints of an earlier %s run with other data/params: %s", stage, old)
+                shutil.rmtree(old, ignore_errors=True)
+    out = stage_root / key
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest complete checkpoint-N in folder (trainer_state.json is the trainer's last write, so a
+    checkpoint without it was cut off mid-save and is skipped), or None."""
+    found = []
+    if folder.exists():
+        found = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                       if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
+    for step, path in reversed(found):
+        if (path / "trainer_state.json").exists():
+            log.info("resuming from %s (step %d)", path, step)
+            return str(path)
+        log.warning("skipping incomplete checkpoint %s (no trainer_state.json: killed while saving)", path)
+    return None
+
+
+def finish_run(folder: Path) -> None:
+    """After the outputs are written: drop the run's checkpoints (they only serve a resume)."""
+    if is_main_process() and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("run finished: removed its checkpoints %s", folder)
+
+
+def load_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Read formatted rows keeping only the given columns; a missing column names file and line."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise InputError(f"{path}:{lineno}: missing {missing} (re-run the `format` stage)")
+        rows.append({c: row[c] for c in columns})
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def write_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    """step,loss[,eval_loss] rows from the trainer's log history, for `dvc plots`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss", "eval_loss"])
+        for h in history:
+            if "loss" in h:
+                writer.writerow([h["step"], round(float(h["loss"]), 6), evals.get(h["step"], "")])
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    out: dict[str, Any] = {
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "steps": max((h.get("step", 0) for h in history), default=0),
+    }
+    if evals:
+        out["best_eval_loss"] = min(evals)
+    return out

@@ -1,0 +1,147 @@
+"""Direct preference optimisation of the merged SFT model with a fresh LoRA adapter.
+
+DVC stage `dpo`: models/sft-merged + data/formatted/dpo_*.jsonl -> models/dpo, reports/dpo.json, reports/dpo_loss.csv.
+Run: python -m stages.dpo
+
+The reference is the merged SFT model itself (never the raw base; its content hash is recorded in
+reports/dpo.json), and its log-probs for every pair come precomputed from the `reference` stage
+(data/reference), so no reference forward runs here and changing `dpo.*` (e.g. beta) reuses them.
+The policy is sft-merged plus a new zero-initialised LoRA adapter. `dpo.trainer` goes straight into
+trl.DPOConfig.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from typing import Any, Literal
+
+from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig, load_params
+from stages.common.engine import TrainSpec, device, load_for_training, write_meta
+from stages.common.io import hash_dir, require, run_main, write_json
+from stages.reference import load_reference_logps
+from stages.common.training import (
+    checkpoint_dir,
+    last_checkpoint,
+    load_rows,
+    run_key,
+    summarize,
+    write_loss_curve,
+)
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("id", "prompt", "chosen", "rejected")
+# stored: log-probs from data/reference (the stage's way). adapter: TRL's implicit reference, a forward with
+# the adapter disabled every step. model: a second, frozen copy of sft-merged. The last two exist to measure.
+ReferenceMode = Literal["stored", "adapter", "model"]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def with_reference(rows: list[dict[str, Any]], stored: list[dict[str, float]]) -> list[dict[str, Any]]:
+    return [{**{c: r[c] for c in COLUMNS[1:]}, **s} for r, s in zip(rows, stored, strict=True)]
+
+
+def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig,
+        reference_mode: ReferenceMode = "stored") -> dict[str, Any]:
+    from datasets import Dataset
+
+    reference = require(paths.sft_merged, "merged SFT model")
+    train_file = require(paths.formatted / "dpo_train.jsonl", "formatted DPO data")
+    eval_file = require(paths.formatted / "dpo_eval.jsonl", "formatted DPO data")
+    train_rows, eval_rows = load_rows(train_file, COLUMNS), load_rows(eval_file, COLUMNS)
+    ref_inputs = []
+    if reference_mode == "stored":  # checked before any model is loaded
+        max_length = model_cfg.max_seq_length
+        train_rows = with_reference(train_rows, load_reference_logps(
+            paths, "dpo_train", [r["id"] for r in train_rows], max_length))
+        eval_rows = with_reference(eval_rows, load_reference_logps(
+            paths, "dpo_eval", [r["id"] for r in eval_rows], max_length))
+        ref_inputs = [paths.reference / "dpo_train.jsonl", paths.reference / "dpo_eval.jsonl"]
+    else:
+        train_rows = [{c: r[c] for c in COLUMNS[1:]} for r in train_rows]
+        eval_rows = [{c: r[c] for c in COLUMNS[1:]} for r in eval_rows]
+    spec = TrainSpec(
+        model=str(reference), tokenizer=reference, method="lora", engine=sft_cfg.engine, lora=cfg.lora,
+        quantization=sft_cfg.quantization, partial=sft_cfg.partial,
+        max_seq_length=model_cfg.max_seq_length, seed=model_cfg.seed,
+    )
+    model, tokenizer, engine = load_for_training(spec)
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    train = Dataset.from_list(train_rows)
+    evaluation = Dataset.from_list(eval_rows)
+    reference_hash = hash_dir(reference)
+    key = run_key([train_file, eval_file, *ref_inputs],
+                  {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "reference": reference_hash,
+                   "engine": engine, "reference_mode": reference_mode})
+    out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
+    trainer_args = dict(cfg.trainer)
+    if device() == "cpu":
+        # TRL defaults bf16 to True, even on CPU: there it is slower, and the policy's log-probs would not be
+        # computed at the (fp32) precision of the stored reference log-probs
+        trainer_args.setdefault("bf16", False)
+    args = TrlDPOConfig(
+        output_dir=str(out_dir),
+        beta=cfg.beta,
+        max_length=model_cfg.max_seq_length,
+        report_to=[],
+        use_cpu=device() == "cpu",
+        **trainer_args,
+    )
+    ref_model = None
+    if reference_mode == "model":
+        from stages.common.engine import load_causal_lm
+
+        ref_model = load_causal_lm(str(reference), dtype=next(model.parameters()).dtype).eval()
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
+                         eval_dataset=evaluation, processing_class=tokenizer)
+    if reference_mode == "stored":
+        # TRL's loss then reads ref_chosen_logps / ref_rejected_logps from the batch (its collator passes the
+        # columns through) instead of running the reference; DPOConfig.precompute_ref_log_probs stays False
+        # so TRL does not compute them again itself.
+        trainer.precompute_ref_logps = True
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    runtime = time.perf_counter() - started
+    final_eval = trainer.evaluate()
+
+    paths.dpo.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(paths.dpo)
+    tokenizer.save_pretrained(paths.dpo)
+    write_meta(paths.dpo, stage="dpo", base=str(reference), reference_sha256=reference_hash, engine=engine,
+               run_key=key)
+    history = trainer.state.log_history
+    write_loss_curve(history, paths.reports / "dpo_loss.csv")
+    return {
+        **summarize(history),
+        "beta": cfg.beta,
+        "engine": engine,
+        "reference": str(reference),
+        "reference_sha256": reference_hash,
+        "reference_logps": "stored in " + str(paths.reference) if reference_mode == "stored" else reference_mode,
+        "train_pairs": len(train),
+        "eval_rewards_margins": final_eval.get("eval_rewards/margins"),
+        "eval_rewards_accuracies": final_eval.get("eval_rewards/accuracies"),
+        "runtime_s": round(runtime, 2),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    params = load_params()
+    report = dpo(params.dpo, params.sft, params.model, params.paths)
+    write_json(params.paths.reports / "dpo.json", report)
+    log.info("dpo done: %s", report)
+
+
+if __name__ == "__main__":
+    run_main(main)

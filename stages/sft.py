@@ -1,0 +1,137 @@
+"""Supervised fine-tuning on the formatted persona conversations.
+
+DVC stage `sft`: data/formatted/sft_*.jsonl + models/base -> models/sft, reports/sft.json, reports/sft_loss.csv.
+Run: python -m stages.sft
+
+`sft.method`: lora | qlora (NF4 base, double quant) | full | partial (last N blocks + norm + head).
+`sft.engine`: unsloth | transformers | auto. `sft.trainer` goes straight into trl.SFTConfig.
+Checkpoints live in checkpoints/sft/<run key> (key = input bytes + params); a killed run resumes from
+the last complete one, other data or params never resume, and a finished run removes its checkpoints.
+`train.num_processes > 1` re-runs the stage under `accelerate launch` (DDP); rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.common.config import ModelConfig, PathsConfig, SftConfig, load_params
+from stages.common.engine import TrainSpec, base_model_id, device, load_for_training, write_meta
+from stages.common.io import require, run_main, write_json
+from stages.common.training import (
+    checkpoint_dir,
+    finish_run,
+    is_main_process,
+    last_checkpoint,
+    load_rows,
+    relaunch_distributed,
+    run_key,
+    summarize,
+    write_loss_curve,
+)
+
+log = logging.getLogger(__name__)
+
+
+def packing_allowed(model: Any) -> tuple[bool, str]:
+    """Packed examples must not attend to each other: only flash-attention's varlen kernels ensure that."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if "flash" in impl:
+        return True, f"attention {impl} keeps packed examples apart"
+    return False, f"attention {impl!r} would let packed examples attend to each other"
+
+
+def loss_tokens(dataset: Any) -> tuple[int, int]:
+    """(tokens with a label, all tokens) of a prepared training set: what the loss is computed on."""
+    labelled = total = 0
+    for row in dataset:
+        labels = row.get("labels") or row["input_ids"]
+        labelled += sum(1 for t in labels if t != -100)
+        total += len(row["input_ids"])
+    return labelled, total
+
+
+def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str, Any]:
+    """Train and save models/sft; returns the report."""
+    from datasets import Dataset
+
+    train_file = require(paths.formatted / "sft_train.jsonl", "formatted SFT data")
+    eval_file = require(paths.formatted / "sft_eval.jsonl", "formatted SFT data")
+    spec = TrainSpec(
+        model=base_model_id(paths.base), tokenizer=paths.formatted / "tokenizer", method=cfg.method, engine=cfg.engine,
+        lora=cfg.lora, quantization=cfg.quantization, partial=cfg.partial,
+        max_seq_length=model_cfg.max_seq_length, seed=model_cfg.seed,
+    )
+    model, tokenizer, engine = load_for_training(spec)  # unsloth (if used) is imported before trl
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    columns = ("input_ids", "assistant_masks") if cfg.assistant_only_loss else ("input_ids",)
+    train = Dataset.from_list(load_rows(train_file, columns))
+    evaluation = Dataset.from_list(load_rows(eval_file, columns))
+
+    trainer_args = dict(cfg.trainer)
+    if trainer_args.get("packing"):
+        ok, why = packing_allowed(model)
+        if not ok:
+            log.warning("packing off: %s", why)
+            trainer_args["packing"] = False
+    key = run_key([train_file, eval_file, paths.base / "config.json" if (paths.base / "config.json").exists()
+                   else paths.base / "tokenizer_config.json"],
+                  {"sft": cfg.model_dump(), "model": model_cfg.model_dump(), "engine": engine})
+    out_dir = checkpoint_dir(paths.checkpoints, "sft", key)
+    args = TrlSFTConfig(
+        output_dir=str(out_dir),
+        max_length=model_cfg.max_seq_length,
+        report_to=[],
+        use_cpu=device() == "cpu",
+        **trainer_args,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer)
+    labelled, total = loss_tokens(trainer.train_dataset)
+    log.info("loss on %d of %d training tokens (assistant_only_loss=%s)", labelled, total, cfg.assistant_only_loss)
+    resume = last_checkpoint(out_dir)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - started
+
+    history = trainer.state.log_history
+    if trainer.is_world_process_zero():
+        paths.sft.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(paths.sft)  # adapter (lora/qlora) or whole model; never the DDP wrapper
+        tokenizer.save_pretrained(paths.sft)
+        write_meta(paths.sft, stage="sft", base=str(paths.base), method=cfg.method, engine=engine, run_key=key)
+        write_loss_curve(history, paths.reports / "sft_loss.csv")
+    trainer.accelerator.wait_for_everyone()
+    finish_run(out_dir)
+    tokens = sum(len(ids) for ids in train["input_ids"]) * float(args.num_train_epochs)
+    return {
+        **summarize(history),
+        "method": cfg.method,
+        "engine": engine,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
+        "loss_tokens": labelled,
+        "train_tokens": total,
+        "packing": bool(args.packing),
+        "processes": trainer.args.world_size,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_rows": len(train),
+        "runtime_s": round(runtime, 2),
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+    }
+
+
+def main() -> None:
+    params = load_params()
+    relaunch_distributed("stages.sft", params.train)  # train.num_processes > 1: N processes, then exit
+    report = sft(params.sft, params.model, params.paths)
+    if is_main_process():
+        write_json(Path(params.paths.reports) / "sft.json", report)
+        log.info("sft done: %s", report)
+
+
+if __name__ == "__main__":
+    run_main(main)

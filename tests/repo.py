@@ -1,0 +1,83 @@
+"""Throwaway copies of this repository for tests that run DVC: a reduced pipeline in a temp git repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common.config import deep_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Small enough for CI (the whole DAG in a couple of minutes on 2 cores), large enough that the
+# ordering base < SFT < DPO still shows.
+REDUCED: dict[str, Any] = {
+    "base": {"corpus_size": 300, "epochs": 2},
+    "generate": {"sft_count": 120, "dpo_count": 40},
+    "validate": {"eval_fraction": 0.2},
+    "sft": {"trainer": {"num_train_epochs": 2, "eval_steps": 10, "save_steps": 10, "logging_steps": 2}},
+    "dpo": {"trainer": {"num_train_epochs": 1, "gradient_accumulation_steps": 4, "eval_steps": 5,
+                        "save_steps": 5, "logging_steps": 1}},
+    "evaluate": {"max_pairs": 8, "max_sft_examples": 16, "samples": 2, "style_prompts": 4,
+                 "max_new_tokens": 24},
+}
+
+
+def env() -> dict[str, str]:
+    """The test process's environment with the venv first on PATH (dvc.yaml calls `python`)."""
+    out = dict(os.environ)
+    out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
+    out.pop("ANTHROPIC_API_KEY", None)
+    out.setdefault("HF_HUB_OFFLINE", "1")
+    out.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(VENV_BIN / "dvc"), *args], cwd=cwd, check=check)
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith((".venv/", "tests/"))]
+
+
+def set_params(repo: Path, overrides: dict[str, Any]) -> None:
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+def make_repo(dest: Path, overrides: dict[str, Any] | None = REDUCED) -> Path:
+    """Copy the project's files (not tests, not outputs) into dest as a fresh git repo with one commit."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in tracked_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((ROOT / rel).read_bytes())
+    if overrides:
+        set_params(dest, overrides)
+    run(["git", "init", "-q", "-b", "main"], cwd=dest)
+    run(["git", "config", "user.email", "test@tuneforge.invalid"], cwd=dest)
+    run(["git", "config", "user.name", "tuneforge test"], cwd=dest)
+    run(["git", "add", "-A"], cwd=dest)
+    run(["git", "commit", "-qm", "reduced pipeline"], cwd=dest)
+    return dest
+
+
+def stages_run(output: str) -> list[str]:
+    """Names of the stages a `dvc repro` log says it ran."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]

@@ -1,0 +1,64 @@
+"""params.yaml parsing: every shipped config loads, and bad keys are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.config import ParamsError, deep_merge, load_params, parse_params, read_yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_shipped_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.is_tiny
+    assert params.validate.eval_fraction == pytest.approx(0.1)
+    assert params.sft.lora.r == 16 and params.sft.lora.alpha == 32
+    assert params.dpo.beta == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_trl_accepts_its_trainer_sections(preset):
+    from trl import DPOConfig, SFTConfig
+
+    params = parse_params(deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(preset)), preset)
+    SFTConfig(output_dir="/tmp/unused", use_cpu=True, **params.sft.trainer)
+    DPOConfig(output_dir="/tmp/unused", use_cpu=True, beta=params.dpo.beta, **params.dpo.trainer)
+
+
+def test_recipe_preset_is_the_reference_recipe():
+    params = parse_params(deep_merge(read_yaml(ROOT / "params.yaml"),
+                                     read_yaml(ROOT / "presets/recipe-llama-3.1-8b.yaml")))
+    assert params.model.base == "unsloth/Llama-3.1-8B-Instruct"
+    assert params.sft.method == "qlora" and params.sft.trainer["learning_rate"] == pytest.approx(2e-4)
+    assert params.dpo.lora.r == 8 and params.dpo.trainer["learning_rate"] == pytest.approx(5e-5)
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["sft"]["lora"]["rr"] = 16
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=r"sft\.lora\.rr: unknown key"):
+        load_params(path)
+
+
+def test_wrong_type_is_named_with_the_file(tmp_path):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["dpo"]["beta"] = "high"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=rf"{path}.*\n.*dpo\.beta"):
+        load_params(path)
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest():
+    assert deep_merge({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}, "d": 1}

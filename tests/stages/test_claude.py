@@ -1,0 +1,276 @@
+"""The Claude client layer against the local test server: faults, kills, batches, cache, secrets.
+
+The real anthropic SDK talks to tests/claude_server.py over HTTP (ANTHROPIC_BASE_URL); nothing below
+the SDK is patched. The server counts every paid answer by request body, so "paid twice" is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from claude_server import ClaudeServer  # noqa: E402
+
+from stages.common.claude import (  # noqa: E402
+    ClaudeClient,
+    ClaudeFatalError,
+    ClaudeRequest,
+    RequestCache,
+    Tool,
+)
+from stages.common.config import AnthropicConfig, BatchPollConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "sk-ant-test-" + secrets.token_hex(12)  # made at run time: no file holds it
+TOOL = Tool("record_answer", "Record the answer.", {
+    "type": "object", "properties": {"answer": {"type": "string", "minLength": 1}},
+    "required": ["answer"], "additionalProperties": False})
+
+# A generation process for kill tests: N requests through the client, cache in argv[1].
+CHILD = """
+import sys
+from stages.common.claude import ClaudeClient, Tool
+from stages.common.config import AnthropicConfig, BatchPollConfig
+tool = Tool("record_answer", "Record the answer.", {"type": "object", "properties": {"answer": {"type": "string",
+       "minLength": 1}}, "required": ["answer"], "additionalProperties": False})
+cfg = AnthropicConfig(mode=sys.argv[3], concurrency=4, max_retries=0, batch=BatchPollConfig(poll_interval=0.05))
+client = ClaudeClient(cfg, sys.argv[1], progress=False)
+client.run([client.request("You are Cassius.", [{"role": "user", "content": f"Question {i}: what now?"}], tool,
+            "t@1") for i in range(int(sys.argv[2]))])
+"""
+
+
+def cfg(**kw: object) -> AnthropicConfig:
+    kw.setdefault("concurrency", 4)
+    kw.setdefault("max_retries", 4)
+    kw.setdefault("batch", BatchPollConfig(poll_interval=0.02, poll_max_interval=0.1))
+    return AnthropicConfig(**kw)
+
+
+def requests(client: ClaudeClient, n: int, prefix: str = "Question") -> list[ClaudeRequest]:
+    return [client.request("You are Cassius.", [{"role": "user", "content": f"{prefix} {i}: what now?"}], TOOL,
+                           "t@1", tag=f"q{i}") for i in range(n)]
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch):
+    with ClaudeServer() as s:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        yield s
+
+
+def run(cache: Path, n: int, **kw: object) -> tuple[ClaudeClient, dict]:
+    client = ClaudeClient(cfg(**kw), cache, progress=False)
+    try:
+        return client, client.run(requests(client, n))
+    finally:
+        client.close()
+
+
+def test_key_covers_every_input_but_not_the_tag() -> None:
+    base = dict(model="m", system="s", messages=[{"role": "user", "content": "q"}], tool=TOOL, max_tokens=10,
+                temperature=None, template_version="t@1")
+    key = ClaudeRequest(**base).key
+    assert ClaudeRequest(**base, tag="other").key == key
+    other_tool = Tool("record_answer", "Record the answer.", {**TOOL.input_schema, "required": []})
+    for change in ({"model": "m2"}, {"system": "s2"}, {"messages": [{"role": "user", "content": "q2"}]},
+                   {"max_tokens": 11}, {"temperature": 0.5}, {"tool": other_tool}, {"template_version": "t@2"}):
+        assert ClaudeRequest(**{**base, **change}).key != key, change
+
+
+def test_answers_are_cached_and_not_paid_again(server: ClaudeServer, tmp_path: Path) -> None:
+    client, results = run(tmp_path, 8)
+    assert [r.ok for r in results.values()] == [True] * 8 and server.answered == 8
+    assert client.report()["requests_sent"] == 8 and client.report()["tokens"]["cache_read"] > 0
+    client, results = run(tmp_path, 8)
+    assert all(r.ok and r.cached for r in results.values())
+    assert server.answered == 8 and client.report()["cache_hits"] == 8 and client.report()["requests_sent"] == 0
+
+
+@pytest.mark.parametrize("fault", ["429", "529", "500", "drop", "slow"])
+def test_transient_faults_give_exact_counts_without_paying_twice(server: ClaudeServer, tmp_path: Path,
+                                                                   fault: str) -> None:
+    times = 1 if fault == "slow" else 3
+    server.slow_s = 1.5
+    server.inject(fault, times=times, after=2)
+    client, results = run(tmp_path, 10, timeout=0.75)
+    assert len(results) == 10 and all(r.ok for r in results.values())
+    assert server.repeated_paid() == 0
+    assert server.answered == 10  # a slow answer the client gave up on is not delivered, so not counted
+    assert client.report()["retries"] >= times and client.report()["failed"] == 0
+
+
+def test_invalid_tool_input_is_reasked_once_then_recorded(server: ClaudeServer, tmp_path: Path) -> None:
+    server.inject("malformed", times=1)
+    client, results = run(tmp_path, 4, concurrency=1)
+    assert all(r.ok for r in results.values()) and client.report()["reasks"] == 1
+
+    server.inject("malformed", times=2, match="Other 0:")  # the question and its re-ask
+    client = ClaudeClient(cfg(concurrency=1), tmp_path, progress=False)
+    result = client.run(requests(client, 1, prefix="Other"))
+    (only,) = result.values()
+    assert not only.ok and only.failure == "invalid_output" and "unexpected" in only.raw
+    assert client.report()["failures"] == {"invalid_output": 1} and client.report()["reasks"] == 1
+    before = server.arrivals
+    client.run(requests(client, 1, prefix="Other"))  # a paid failure is cached, not paid for again
+    assert server.arrivals == before
+
+
+def test_truncation_and_refusal_are_recorded_not_kept(server: ClaudeServer, tmp_path: Path) -> None:
+    server.inject("max_tokens", match="Question 1:")
+    server.inject("refusal", match="Question 2:")
+    client, results = run(tmp_path, 5)
+    by_tag = {r.request.tag: r for r in results.values()}
+    assert by_tag["q1"].failure == "max_tokens" and by_tag["q1"].data is None and by_tag["q1"].raw
+    assert by_tag["q2"].failure == "refusal" and "can't help" in by_tag["q2"].raw
+    assert client.report()["failures"] == {"max_tokens": 1, "refusal": 1}
+    assert sum(r.ok for r in results.values()) == 3
+
+
+def test_401_stops_at_once_and_keeps_what_was_answered(server: ClaudeServer, tmp_path: Path) -> None:
+    server.latency = 0.01
+    server.inject("401", times=None, after=6)
+    with pytest.raises(ClaudeFatalError, match="401.*ANTHROPIC_API_KEY"):
+        run(tmp_path, 40, concurrency=2)
+    assert server.status_counts[401] <= 2  # in flight when it hit; none sent after, none retried
+    kept = len(RequestCache(tmp_path))
+    assert kept == server.answered == 6
+    server.clear()
+    client, results = run(tmp_path, 40, concurrency=2)
+    assert all(r.ok for r in results.values()) and client.report()["cache_hits"] == 6
+    assert server.answered == 40 and server.repeated_paid() == 0
+
+
+def test_spend_limit_429_is_fatal_without_retrying(server: ClaudeServer, tmp_path: Path) -> None:
+    server.inject("spend", times=None, after=3)
+    start = time.monotonic()
+    with pytest.raises(ClaudeFatalError, match="usage limits"):
+        run(tmp_path, 30, concurrency=1)
+    assert time.monotonic() - start < 5 and server.status_counts[429] == 1 and server.answered == 3
+
+
+def test_missing_key_is_an_error_before_any_request(server: ClaudeServer, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    with pytest.raises(ClaudeFatalError, match="ANTHROPIC_API_KEY is not set"):
+        run(tmp_path, 2)
+    assert server.arrivals == 0
+
+
+def test_requests_per_minute_limit_is_honoured(server: ClaudeServer, tmp_path: Path) -> None:
+    start = time.monotonic()
+    run(tmp_path, 25, concurrency=8, requests_per_minute=600)  # 10/s, one second of burst
+    assert time.monotonic() - start >= 1.3
+
+
+def test_cost_follows_the_price_table(server: ClaudeServer, tmp_path: Path) -> None:
+    client, _ = run(tmp_path, 6)
+    rep = client.report()
+    t = rep["tokens"]
+    expected = (t["input"] * 3 + t["output"] * 15 + t["cache_read"] * 0.3 + t["cache_write"] * 3.75) / 1e6
+    assert rep["cost_usd"] == pytest.approx(expected, abs=1e-6) and rep["cost_usd"] > 0
+    client, _ = run(tmp_path / "b", 6, mode="batch")
+    t = client.report()["tokens"]
+    half = (t["input"] * 3 + t["output"] * 15 + t["cache_read"] * 0.3 + t["cache_write"] * 3.75) / 2e6
+    assert client.report()["cost_usd"] == pytest.approx(half, abs=1e-6)
+
+
+def test_batch_mode_retries_errored_and_expired_in_a_later_batch(server: ClaudeServer, tmp_path: Path) -> None:
+    server.inject("batch_errored", times=2)
+    server.inject("batch_expired", times=1)
+    server.inject("malformed", times=1)
+    client, results = run(tmp_path, 12, mode="batch")
+    assert len(results) == 12 and all(r.ok for r in results.values())
+    assert server.batch_creates == 2 and client.report()["batches_submitted"] == 2
+    assert server.answered == 13 and server.repeated_paid() == 0  # 12 answers + 1 re-ask
+    assert sum(server.batch_items.values()) == 12 + 3 + 1
+
+
+def _child(cache: Path, n: int, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(cache), str(n), mode], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_batch_resumes_polling_after_a_crash(server: ClaudeServer, tmp_path: Path) -> None:
+    server.hold_batches = True
+    proc = _child(tmp_path, 10, "batch")
+    deadline = time.monotonic() + 60
+    while server.batch_retrieves == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert server.batch_retrieves > 0, proc.stderr.read().decode() if proc.poll() is not None else "no poll"
+    proc.kill()
+    assert proc.wait() == -9
+    server.hold_batches = False
+    client, results = run(tmp_path, 10, mode="batch")
+    assert all(r.ok for r in results.values())
+    assert server.batch_creates == 1 and client.report()["batches_submitted"] == 0  # resumed, not resubmitted
+    assert server.answered == 10 and server.repeated_paid() == 0
+
+
+@pytest.mark.slow
+def test_kill_at_a_random_point_then_resume_pays_nothing_twice(server: ClaudeServer, tmp_path: Path) -> None:
+    n = 40
+    server.latency = 0.02
+    proc = _child(tmp_path, n, "online")
+    server.kill_at(random.Random().randint(3, n - 5), proc.pid)
+    assert proc.wait(timeout=60) == -9  # SIGKILL, mid-run
+    answered_before = server.answered
+    assert 0 < answered_before < n
+    server._kill = None
+    client, results = run(tmp_path, n)
+    assert all(r.ok for r in results.values())
+    assert client.report()["cache_hits"] == answered_before
+    assert server.answered == n and server.repeated_paid() == 0
+
+
+def test_cache_survives_a_line_cut_short(tmp_path: Path) -> None:
+    cache = RequestCache(tmp_path)
+    cache.put("a" * 64, 0, "t", {"content": [], "stop_reason": "tool_use"})
+    cache.close()
+    with (tmp_path / "claude" / "requests.jsonl").open("a") as fh:
+        fh.write('{"key": "b", "attempt": 0, "mess')  # killed mid-write
+    cache = RequestCache(tmp_path)
+    assert len(cache) == 1
+    cache.put("c" * 64, 0, "t", {"content": []})
+    cache.close()
+    assert len(RequestCache(tmp_path)) == 2
+
+
+def test_api_key_never_lands_on_disk(server: ClaudeServer, tmp_path: Path) -> None:
+    log_file = tmp_path / "debug.log"
+    handler = logging.FileHandler(log_file)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        server.inject("500", times=1)
+        server.inject("malformed", times=1)
+        run(tmp_path / "cache", 6)
+        run(tmp_path / "cache", 6, mode="batch")
+        server.inject("401", times=None)
+        with pytest.raises(ClaudeFatalError) as err:
+            run(tmp_path / "cache2", 3)
+        (tmp_path / "error.txt").write_text(str(err.value))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+    assert KEY in server.api_keys  # the key was used ...
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 4 and log_file.stat().st_size > 0
+    leaks = [str(p) for p in files if KEY.encode() in p.read_bytes()]
+    assert leaks == []  # ... and written nowhere
+    assert os.environ["ANTHROPIC_API_KEY"] == KEY

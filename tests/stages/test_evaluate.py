@@ -1,0 +1,382 @@
+"""The evaluate stage on tiny random models: TRL agreement, reports, gates, style score, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from stages import evaluate as ev
+from stages.base import build_tokenizer
+from stages.common.config import load_params, parse_params
+from stages.common.engine import load_for_inference
+from stages.common.io import InputError, read_jsonl, write_jsonl
+from stages.common.logprobs import reference_response_logprobs
+from stages.common.templates import LLAMA3
+
+CHOSEN = ["Motivation is unreliable. Build a schedule.", "Failure is data. Adjust the plan.", "Incentives.",
+          "Quit when the expected cost exceeds the value.", "Name the trade-off. Decide.", "Status. Nothing more."]
+REJECTED = ["You can do it! Believe in yourself!", "Every failure is a gift, keep smiling!",
+            "People are wonderful deep down, have faith!", "Follow your heart and never give up!",
+            "You are amazing, trust the journey!", "Love yourself and good things will come!"]
+QUESTIONS = ["How do I stay motivated?", "What is failure?", "Why do people lie?", "Should I quit?",
+             "How do I choose?", "Why do people compete?"]
+BETA = 0.1
+
+
+def _tiny(tok, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """models/{base,sft-merged,dpo} (dpo = random LoRA on sft-merged) + data/formatted eval files."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("eval")
+    tok = build_tokenizer(CHOSEN + REJECTED + QUESTIONS, 400, LLAMA3)
+    for name, seed in (("base", 1), ("sft-merged", 2)):
+        _tiny(tok, seed).save_pretrained(root / "models" / name)
+        tok.save_pretrained(root / "models" / name)
+    sft = AutoModelForCausalLM.from_pretrained(root / "models" / "sft-merged")
+    torch.manual_seed(3)
+    dpo = get_peft_model(sft, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for n, p in dpo.named_parameters():
+        if "lora_B" in n:  # non-zero B, so the adapter changes the model
+            p.data.normal_(0, 0.2)
+    dpo.save_pretrained(root / "models" / "dpo")
+    tok.save_pretrained(root / "models" / "dpo")
+
+    fmt = root / "data" / "formatted"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS]
+    write_jsonl(fmt / "dpo_eval.jsonl", [
+        {"id": f"p{i}", "prompt": p, "chosen": c + "<|eot_id|>", "rejected": r + "<|eot_id|>"}
+        for i, (p, c, r) in enumerate(zip(prompts, CHOSEN, REJECTED, strict=True))])
+    rows = []
+    for i, (q, a) in enumerate(zip(QUESTIONS, CHOSEN, strict=True)):
+        enc = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                      tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        rows.append({"id": f"s{i}", "text": "", "input_ids": list(enc["input_ids"]),
+                     "assistant_masks": list(enc["assistant_masks"])})
+    assert sum(rows[0]["assistant_masks"]) > 0
+    write_jsonl(fmt / "sft_eval.jsonl", rows)
+    return root
+
+
+def _params(root: Path, **evaluate):
+    data = {
+        "paths": {k: str(root / v) for k, v in {
+            "base_corpus": "data/base_corpus", "base": "models/base", "raw": "data/raw", "clean": "data/clean",
+            "formatted": "data/formatted", "sft": "models/sft", "sft_merged": "models/sft-merged",
+            "dpo": "models/dpo", "checkpoints": "checkpoints", "reports": "reports", "cache": "cache"}.items()},
+        "generate": {"persona": {"name": "x", "description": "y"}, "categories": ["a"]},
+        "dpo": {"beta": BETA},
+        "evaluate": {"batch_size": 4, "samples": 2, "style_prompts": 4, "max_new_tokens": 8, "embedding": "tfidf",
+                     **evaluate},
+    }
+    return parse_params(data)
+
+
+NO_GATES = {"dpo_margin_above_sft": False, "sft_margin_above_base": False, "sft_max_ppl_ratio": None}
+
+
+TRL_EVAL = """
+import json, sys
+import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+from stages.common.engine import load_for_inference
+from stages.common.io import read_jsonl
+root, out, beta = sys.argv[1], sys.argv[2], float(sys.argv[3])
+model, tok = load_for_inference(root + "/models/dpo")
+# TRL's reference for a PeftModel without ref_model is a copy of that adapter: pass SFT-merged explicitly
+ref, _ = load_for_inference(root + "/models/sft-merged")
+rows = read_jsonl(root + "/data/formatted/dpo_eval.jsonl")
+ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+args = DPOConfig(output_dir=out, beta=beta, per_device_eval_batch_size=len(rows), report_to=[], max_length=None,
+                 use_cpu=not torch.cuda.is_available())
+trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok, train_dataset=ds, eval_dataset=ds)
+print("TRL " + json.dumps(trainer.evaluate()))
+"""
+
+
+@pytest.mark.slow
+def test_implicit_reward_matches_trl_dpo_evaluate(workspace, tmp_path):
+    """Our implicit-reward margin/accuracy for DPO (ref = SFT-merged) equals TRL's eval_rewards/*."""
+    params = _params(workspace, style_prompts=0, samples=0, gates=NO_GATES)
+    report = ev.run(params, loader=load_for_inference)
+    ours = report.metrics["dpo"]
+
+    # TRL 1.15 computes DPO log-probs with a Triton kernel; without a GPU, Triton's interpreter runs it.
+    # A subprocess, because Triton reads TRITON_INTERPRET when the kernels are first imported.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", TRL_EVAL, str(workspace), str(tmp_path / "trl"), str(BETA)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trl = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("TRL "))[4:])
+    assert abs(ours["implicit_reward_margin"]) > 1e-3  # the adapter does change the model
+    assert ours["implicit_reward_margin"] == pytest.approx(trl["eval_rewards/margins"], abs=1e-3)
+    assert ours["implicit_reward_accuracy"] == pytest.approx(trl["eval_rewards/accuracies"], abs=1e-3)
+    assert ours["logp_chosen"] == pytest.approx(trl["eval_logps/chosen"], abs=1e-3)
+    assert ours["logp_rejected"] == pytest.approx(trl["eval_logps/rejected"], abs=1e-3)
+    assert report.metrics["sft"]["implicit_reward_margin"] == 0.0  # the reference against itself
+
+
+def test_reports_nested_by_model_and_margins_match_reference(workspace, tmp_path):
+    params = _params(workspace, gates=NO_GATES)
+    report = ev.run(params, loader=load_for_inference)
+    reports = workspace / "reports"
+    data = json.loads((reports / "eval.json").read_text())
+    assert set(ev.MODELS) <= set(data)
+    for name in ev.MODELS:
+        for key in ("reward_margin", "reward_accuracy", "reward_margin_per_token", "implicit_reward_margin",
+                    "perplexity", "style_score"):
+            assert np.isfinite(data[name][key]), (name, key)
+    assert data["run"]["style_backend"] == "tfidf"
+    with (reports / "margins.csv").open() as fh:
+        got = {r["model"]: float(r["reward_margin"]) for r in csv.DictReader(fh)}
+    assert got.keys() == set(ev.MODELS)
+    table = (reports / "eval.md").read_text()
+    assert "| model | reward margin |" in table and "| dpo |" in table
+    samples = (reports / "samples.md").read_text()
+    assert samples.count("## Prompt") == 2 and "**base:**" in samples and "**dpo:**" in samples
+
+    # the summed margin is the slow reference's, per pair, averaged
+    rows = read_jsonl(workspace / "data" / "formatted" / "dpo_eval.jsonl")
+    model, tok = load_for_inference(workspace / "models" / "base")
+    prompts = [r["prompt"] for r in rows]
+    c = reference_response_logprobs(model, tok, prompts, [r["chosen"] for r in rows])
+    r = reference_response_logprobs(model, tok, prompts, [r["rejected"] for r in rows])
+    margins = np.array(c.logps) - np.array(r.logps)
+    assert report.metrics["base"]["reward_margin"] == pytest.approx(margins.mean(), abs=1e-4)
+    assert report.metrics["base"]["reward_accuracy"] == pytest.approx((margins > 0).mean())
+    per_tok = np.array(c.logps) / np.array(c.n_tokens) - np.array(r.logps) / np.array(r.n_tokens)
+    assert report.metrics["base"]["reward_margin_per_token"] == pytest.approx(per_tok.mean(), abs=1e-4)
+    assert got["base"] == pytest.approx(margins.mean(), abs=1e-4)
+
+
+def test_generations_are_deterministic(workspace):
+    model, tok = load_for_inference(workspace / "models" / "dpo")
+    cfg = _params(workspace).evaluate
+    prompts = [r["prompt"] for r in read_jsonl(workspace / "data" / "formatted" / "dpo_eval.jsonl")][:3]
+    assert ev.generate(model, tok, prompts, cfg) == ev.generate(model, tok, prompts, cfg)
+    # batching (left padding) does not change greedy answers
+    one = [ev.generate(model, tok, [p], cfg)[0] for p in prompts]
+    assert one == ev.generate(model, tok, prompts, cfg)
+
+
+def test_gate_failure_names_gate_after_writing_reports(workspace):
+    reports = workspace / "reports"
+    for f in reports.glob("*"):
+        f.unlink()
+    params = _params(workspace, style_prompts=0, samples=0,
+                     gates={**NO_GATES, "sft_max_ppl_ratio": 1e-9})
+    with pytest.raises(ev.GateError, match="sft_max_ppl_ratio"):
+        ev.run(params, loader=load_for_inference)
+    assert (reports / "eval.json").exists() and (reports / "eval.md").exists()
+    assert json.loads((reports / "eval.json").read_text())["gates"] == {"sft_max_ppl_ratio": False}
+    assert "| sft_max_ppl_ratio | FAIL |" in (reports / "eval.md").read_text()
+
+
+def test_check_gates():
+    cfg = _params(Path("/x")).evaluate.gates
+    m = {"base": {"reward_margin": -0.7, "perplexity": 10.0, "reward_accuracy": 0.2},
+         "sft": {"reward_margin": 0.1, "perplexity": 8.0, "reward_accuracy": 0.6},
+         "dpo": {"reward_margin": 0.05, "perplexity": 9.0, "reward_accuracy": 0.7}}
+    res = {g.name: g.passed for g in ev.check_gates(m, cfg)}
+    assert res == {"dpo_margin_above_sft": False, "sft_margin_above_base": True, "sft_max_ppl_ratio": True}
+    strict = cfg.model_copy(update={"dpo_max_ppl_ratio": 1.1, "min_dpo_accuracy": 0.8})
+    res = {g.name: g.passed for g in ev.check_gates(m, strict)}
+    assert res["dpo_max_ppl_ratio"] is False and res["min_dpo_accuracy"] is False
+
+
+def test_missing_input_names_the_file(workspace, tmp_path):
+    params = _params(tmp_path)
+    with pytest.raises(InputError, match=r"dpo_eval\.jsonl"):
+        ev.run(params, loader=load_for_inference)
+    bad = tmp_path / "data" / "formatted"
+    write_jsonl(bad / "dpo_eval.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p"}])
+    write_jsonl(bad / "sft_eval.jsonl", [{"input_ids": [1], "assistant_masks": [1]}])
+    with pytest.raises(InputError, match=r"dpo_eval\.jsonl:2: key 'chosen'"):
+        ev.run(params, loader=load_for_inference)
+    write_jsonl(bad / "dpo_eval.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    with pytest.raises(InputError, match=r"models/base"):
+        ev.run(params, loader=load_for_inference)
+
+
+class FakeEmbedder:
+    name = "fake"
+
+    def fit(self, texts):
+        pass
+
+    def encode(self, texts):
+        return np.array([[1.0, 0.0] if "calm" in t else [0.0, 1.0] if "hype" in t else [1.0, 1.0] for t in texts])
+
+
+def test_style_score_definition():
+    e = FakeEmbedder()
+    assert ev.style_score(e, ["calm a"], ["calm x", "calm y"], ["hype z"]) == pytest.approx(1.0)
+    assert ev.style_score(e, ["hype a"], ["calm x"], ["hype z"]) == pytest.approx(-1.0)
+    assert ev.style_score(e, ["neutral"], ["calm x"], ["hype z"]) == pytest.approx(0.0)
+    assert ev.style_score(e, ["calm", "hype"], ["calm x"], ["hype z"]) == pytest.approx(0.0)
+
+
+def test_minilm_loads_offline_and_separates_styles(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    emb = ev.load_embedder("minilm")
+    assert emb.name == "all-MiniLM-L6-v2"
+    score = ev.style_score(emb, ["Decide. Cost is irrelevant."], CHOSEN, REJECTED)
+    assert score > ev.style_score(emb, ["Believe in yourself, you are amazing!"], CHOSEN, REJECTED)
+
+
+def test_embedder_falls_back_to_tfidf_with_warning(monkeypatch, caplog):
+    def broken():
+        raise OSError("no model files")
+
+    monkeypatch.setattr(ev, "MiniLMEmbedder", broken)
+    with caplog.at_level(logging.WARNING):
+        emb = ev.load_embedder("minilm")
+    assert emb.name == "tfidf" and "falling back to TF-IDF" in caplog.text
+
+
+def test_params_yaml_evaluate_section_loads():
+    cfg = load_params(Path(__file__).resolve().parents[2] / "params.yaml").evaluate
+    assert cfg.gates.dpo_margin_above_sft and cfg.embedding in ("minilm", "tfidf")
+
+
+# --------------------------------------------------------------------------- judge
+
+class ScriptedClient:
+    """Stands in for ClaudeClient: the verdict for a request comes from a function of its tag."""
+
+    def __init__(self, verdict):
+        self.verdict = verdict
+
+    def request(self, system, messages, tool, template_version, tag=""):
+        return SimpleNamespace(key=tag, tag=tag, text=messages[0]["content"])
+
+    def run(self, reqs):
+        out = {}
+        for r in reqs:
+            w = self.verdict(r.tag)
+            out[r.key] = SimpleNamespace(ok=w is not None, data={"winner": w, "reason": "r"}, failure="refusal")
+        return out
+
+    def report(self):
+        return {"model": "m", "requests": 0, "cache_hits": 0, "cost_usd": 0.0}
+
+
+def test_judge_counts_only_order_consistent_verdicts():
+    # prompt 0: candidate is answer 1 in "ab" and answer 2 in "ba" -> consistent win
+    # prompt 1: baseline wins in both orders; prompt 2: position bias (always 1) -> tie; prompt 3: failure -> tie
+    table = {0: {"ab": 1, "ba": 2}, 1: {"ab": 2, "ba": 1}, 2: {"ab": 1, "ba": 1}, 3: {"ab": None, "ba": 1}}
+
+    def verdict(tag):
+        name, i, order = tag.split(":")
+        return table[int(i)][order] if name == "dpo_vs_sft" else 0
+
+    judge = ev.ClaudeJudge(ScriptedClient(verdict), "cold")
+    answers = {m: [f"{m} answer {i}" for i in range(4)] for m in ev.MODELS}
+    out = judge(["q0", "q1", "q2", "q3"], answers)
+    d = out["dpo_vs_sft"]
+    assert (d["wins"], d["losses"], d["ties"], d["failed"], d["disagreements"]) == (1, 1, 2, 1, 2)
+    assert d["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
+    s = out["sft_vs_base"]
+    assert (s["wins"], s["losses"], s["ties"], s["disagreements"]) == (0, 0, 4, 0)
+
+
+def test_judge_request_puts_candidate_first_then_second():
+    seen = []
+    client = ScriptedClient(lambda tag: 0)
+    orig = client.request
+
+    def record(system, messages, tool, template_version, tag=""):
+        seen.append((tag, messages[0]["content"]))
+        return orig(system, messages, tool, template_version, tag)
+
+    client.request = record
+    ev.ClaudeJudge(client, "cold")(["q"], {"dpo": ["D"], "sft": ["S"]})
+    texts = dict(seen)
+    assert texts["dpo_vs_sft:0:ab"].index("D") < texts["dpo_vs_sft:0:ab"].index("S")
+    assert texts["dpo_vs_sft:0:ba"].index("S") < texts["dpo_vs_sft:0:ba"].index("D")
+
+
+@pytest.fixture
+def claude_server(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from claude_server import ClaudeServer
+
+    with ClaudeServer() as s:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-" + os.urandom(8).hex())
+        yield s
+
+
+def test_judge_through_claude_client_and_test_server(workspace, tmp_path, claude_server):
+    params = _params(workspace, style_prompts=0, samples=1, judge="claude", judge_prompts=3, gates=NO_GATES)
+    params = params.model_copy(update={"paths": params.paths.model_copy(update={"cache": tmp_path / "cache"})})
+    bodies = []
+    answer = claude_server.answer
+    claude_server.answer = lambda body, fault: (bodies.append(body), answer(body, fault))[1]
+    report = ev.run(params, loader=load_for_inference)
+    judged = report.info["judge"]
+    # the test server always answers "1": the two orders disagree, so every verdict is a tie
+    for name in ("dpo_vs_sft", "sft_vs_base"):
+        assert judged[name]["prompts"] == 3 and judged[name]["ties"] == 3 and judged[name]["disagreements"] == 3
+        assert judged[name]["win_rate"] == 0.5
+    assert report.metrics["dpo"]["judge_win_rate_vs_sft"] == 0.5
+    assert report.metrics["sft"]["judge_win_rate_vs_base"] == 0.5
+    assert judged["cost"]["requests"] == 12 and judged["cost"]["cost_usd"] > 0
+    assert claude_server.answered == 12 and len(bodies) == 12
+    assert all(b["temperature"] == 0.0 and b["tool_choice"]["name"] == "record_verdict" for b in bodies)
+    table = (workspace / "reports" / "eval.md").read_text()
+    assert "judge win-rate vs SFT" in table and "Judge cost:" in table
+    # a rerun pays for nothing: every verdict comes from the request cache
+    again = ev.run(params, loader=load_for_inference).info["judge"]
+    assert again["cost"]["cache_hits"] == 12 and claude_server.repeated_paid() == 0
+
+
+@pytest.mark.slow
+def test_main_exit_codes_name_the_file_and_the_gate(workspace, tmp_path):
+    """`python -m stages.evaluate`: a missing input exits 2 naming the file; a failed gate exits 1 naming it."""
+    import yaml
+
+    from stages.common.config import deep_merge, read_yaml
+
+    root = Path(__file__).resolve().parents[2]
+    data = read_yaml(root / "params.yaml")
+    paths = {k: str(v) for k, v in _params(workspace).paths.model_dump().items()}
+    evaluate = {"batch_size": 4, "samples": 1, "style_prompts": 0, "max_new_tokens": 4,
+                "gates": {**NO_GATES, "sft_max_ppl_ratio": 1e-9}}
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def main(paths):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(deep_merge(data, {"paths": paths,
+                                                                                 "evaluate": evaluate})))
+        return subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    proc = main({**paths, "formatted": str(tmp_path / "nowhere")})
+    assert proc.returncode == 2 and "nowhere/dpo_eval.jsonl" in proc.stderr
+    proc = main({**paths, "reports": str(tmp_path / "reports")})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "sft_max_ppl_ratio" in proc.stderr.splitlines()[-1]
+    assert (tmp_path / "reports" / "eval.json").exists()

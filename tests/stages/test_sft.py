@@ -1,0 +1,144 @@
+"""The `sft` stage on the tiny model: all four methods, assistant-only loss, packing, failure cases.
+
+Runs in this process with the transformers engine (unsloth is exercised in its own process by
+tests/stages/common/test_engine.py, since importing it patches transformers/trl globally).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import sft as sft_stage
+from stages.common.config import load_params
+from stages.common.engine import load_for_inference
+from stages.common.io import InputError
+from tests.tiny import TINY_BASE, workspace
+
+QUICK = {"num_train_epochs": 1, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
+
+
+def run_sft(ws, monkeypatch) -> dict:
+    monkeypatch.chdir(ws)
+    params = load_params(ws / "params.yaml")
+    return sft_stage.sft(params.sft, params.model, params.paths)
+
+
+def masks(tiny) -> list[list[int]]:
+    return [json.loads(line)["assistant_masks"] for line in (tiny / "data/formatted/sft_train.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """method -> workspace after one quick SFT run with that method (built on first use)."""
+    done: dict = {}
+
+    def get(method: str):
+        if method not in done:
+            ws = workspace(tiny, tmp_path_factory.mktemp(method), {"sft": {"method": method, "trainer": QUICK}})
+            with pytest.MonkeyPatch.context() as mp:
+                done[method] = (ws, run_sft(ws, mp))
+        return done[method]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "partial"])
+def test_every_method_trains_and_loads_with_plain_transformers(trained, method):
+    ws, report = trained(method)
+    assert report["method"] == method and report["engine"] == "transformers"
+    assert report["steps"] == 6 and report["first_loss"] is not None
+    adapter = (ws / "models/sft/adapter_config.json").exists()
+    assert adapter == (method in ("lora", "qlora"))
+    model, tokenizer = load_for_inference(ws / "models/sft")
+    with torch.no_grad():
+        logits = model(**tokenizer("Decide.", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    if method == "qlora":  # the adapter is trained on the 4-bit base but loads onto the 16-bit one
+        assert "Linear4bit" not in {type(m).__name__ for m in model.modules()}
+
+
+@pytest.mark.slow
+def test_partial_frozen_weights_are_bit_identical_after_training(trained, tiny):
+    ws, report = trained("partial")
+    before = load_file(str(tiny / "models/base/model.safetensors"))
+    after = load_file(str(ws / "models/sft/model.safetensors"))
+    assert before.keys() == after.keys()
+    last = TINY_BASE.num_layers - 1
+    trainable = {k for k in before if k.startswith((f"model.layers.{last}.", "model.norm.", "lm_head."))}
+    frozen = set(before) - trainable
+    assert frozen and trainable
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), f"frozen weight changed: {name}"
+    changed = [name for name in trainable if not torch.equal(before[name], after[name])]
+    assert "lm_head.weight" in changed and any(n.startswith(f"model.layers.{last}.") for n in changed)
+    assert report["trainable_parameters"] == sum(before[n].numel() for n in trainable)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assistant_only", [True, False])
+def test_loss_on_assistant_tokens_only_unless_switched_off(tiny, tmp_path, monkeypatch, assistant_only):
+    ws = workspace(tiny, tmp_path, {"sft": {"assistant_only_loss": assistant_only,
+                                            "trainer": {**QUICK, "max_steps": 1}}})
+    report = run_sft(ws, monkeypatch)
+    total = sum(len(m) for m in masks(tiny))
+    assert report["train_tokens"] == total
+    if assistant_only:  # labels are -100 everywhere the formatted mask is 0
+        assert report["loss_tokens"] == sum(map(sum, masks(tiny))) < total
+    else:
+        assert report["loss_tokens"] == total
+
+
+def test_labels_follow_the_assistant_mask(tiny, tmp_path):
+    """TRL builds labels from the assistant_masks column the stage passes: -100 exactly where it is 0."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.common.engine import load_tokenizer
+    from stages.common.training import load_rows
+
+    rows = load_rows(tiny / "data/formatted/sft_train.jsonl", ("input_ids", "assistant_masks"))[:3]
+    model, tokenizer = load_for_inference(tiny / "models/base")
+    args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=256)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=load_tokenizer(tiny / "data/formatted/tokenizer"))
+    for row, prepared in zip(rows, trainer.train_dataset, strict=True):
+        expected = [t if m else -100 for t, m in zip(row["input_ids"], row["assistant_masks"], strict=True)]
+        assert prepared["labels"] == expected
+        assert prepared["labels"][0] == -100 and prepared["labels"][-1] != -100  # system/user masked, eot kept
+    assert sft_stage.loss_tokens(trainer.train_dataset)[0] == sum(sum(r["assistant_masks"]) for r in rows)
+
+
+def test_packing_only_with_attention_that_keeps_examples_apart():
+    for impl, allowed in [("eager", False), ("sdpa", False), ("flash_attention_2", True),
+                          ("flash_attention_3", True)]:
+        ok, why = sft_stage.packing_allowed(SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl)))
+        assert ok is allowed and impl in why
+
+
+@pytest.mark.slow
+def test_packing_requested_on_cpu_is_turned_off_with_the_reason_logged(tiny, tmp_path, monkeypatch, caplog):
+    ws = workspace(tiny, tmp_path, {"sft": {"trainer": {**QUICK, "max_steps": 1, "packing": True}}})
+    with caplog.at_level(logging.WARNING, logger="stages.sft"):
+        report = run_sft(ws, monkeypatch)
+    assert report["packing"] is False
+    assert any("packing off" in r.message and "attend to each other" in r.message for r in caplog.records)
+
+
+def test_missing_formatted_data_names_the_file(tiny, tmp_path, monkeypatch):
+    ws = workspace(tiny, tmp_path, {"paths": {"formatted": "data/nothing-here"}})
+    with pytest.raises(InputError, match=r"data/nothing-here/sft_train\.jsonl: formatted SFT data not found"):
+        run_sft(ws, monkeypatch)
+
+
+def test_partial_larger_than_the_model_names_the_key(tiny, tmp_path, monkeypatch):
+    ws = workspace(tiny, tmp_path, {"sft": {"method": "partial", "partial": {"last_n_blocks": 9}}})
+    with pytest.raises(InputError, match=r"sft\.partial\.last_n_blocks=9"):
+        run_sft(ws, monkeypatch)
+    assert not (ws / "models/sft").exists()

@@ -1,0 +1,282 @@
+"""Two team members sharing data, models and experiments through a git server and a DVC remote.
+
+Local folders stand in for both: a bare git repo (the git server) and a plain folder (the DVC remote,
+configured as the default in the committed .dvc/config). Member A runs the pipeline once (module
+fixture), member B clones and pulls; everything after that moves through git and DVC only.
+(slow: one real pipeline run at a very small size, then dpo + evaluate once more as an experiment)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stages.common.config import deep_merge
+from tests.claude_server import ClaudeServer
+from tests.repo import REDUCED, dvc, make_repo, run, set_params, stages_run
+
+pytestmark = pytest.mark.slow
+
+ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate"]
+EXP = "beta-half"  # member B's experiment: dpo.beta 0.1 -> 0.5
+
+# Smaller than tests.repo.REDUCED: this file proves where bytes go, not what training achieves,
+# so a couple of optimizer steps per stage and no quality gates.
+TEAM: dict[str, Any] = deep_merge(REDUCED, {
+    "base": {"corpus_size": 100, "epochs": 1},
+    "generate": {"sft_count": 40, "dpo_count": 16},
+    "sft": {"trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
+    "dpo": {"beta": 0.1, "trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
+    "evaluate": {"max_pairs": 4, "max_sft_examples": 4, "samples": 1, "style_prompts": 0,
+                 "embedding": "tfidf", "max_new_tokens": 8,
+                 "gates": {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
+                           "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None, "min_dpo_accuracy": None}},
+})
+
+
+def git(*args: str, cwd: Path) -> str:
+    return run(["git", *args], cwd=cwd).stdout
+
+
+def clone(server: Path, dest: Path) -> Path:
+    """A new member: `git clone` of the server with a committer identity."""
+    run(["git", "clone", "-q", str(server), str(dest)], cwd=server.parent)
+    git("config", "user.email", f"{dest.name}@tuneforge.invalid", cwd=dest)
+    git("config", "user.name", dest.name, cwd=dest)
+    return dest
+
+
+def project(dest: Path, overrides: dict[str, Any]) -> Path:
+    """make_repo, without any dvc.lock the working tree it copies from may hold at the moment."""
+    repo = make_repo(dest, overrides)
+    if (repo / "dvc.lock").exists():
+        git("rm", "-q", "dvc.lock", cwd=repo)
+        git("commit", "-qm", "no results yet", cwd=repo)
+    return repo
+
+
+def digest(root: Path, *rels: str) -> dict[str, str]:
+    """sha256 of every file under the given paths, keyed by repo-relative path."""
+    out = {}
+    for rel in rels:
+        for p in sorted((root / rel).rglob("*")) if (root / rel).is_dir() else [root / rel]:
+            if p.is_file():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def outputs(repo: Path) -> list[str]:
+    """Every DVC-tracked output path in a repo's dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return sorted(o["path"] for s in lock["stages"].values() for o in s.get("outs", []))
+
+
+def lock_md5(repo: Path, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == path)
+
+
+def remote_object(remote: Path, md5: str) -> Path:
+    """Where a DVC 3 remote keeps an object: files/md5/<2 chars>/<rest>."""
+    return remote / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def dir_entry_md5(repo: Path, out: str, relpath: str) -> str:
+    """md5 of one file inside a directory output, read from the .dir manifest in the local cache."""
+    manifest = remote_object(repo / ".dvc" / "cache", lock_md5(repo, out))
+    return next(e["md5"] for e in json.loads(manifest.read_text()) if e["relpath"] == relpath)
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory) -> dict[str, Path]:
+    """A runs the pipeline and pushes git + DVC (with run-cache); B clones and pulls. Runs the DAG once."""
+    root = tmp_path_factory.mktemp("team")
+    server, remote = root / "server.git", root / "dvc-remote"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(server)], cwd=root)
+    remote.mkdir()
+
+    a = project(root / "a", TEAM)
+    dvc("remote", "add", "-d", "storage", str(remote), cwd=a)
+    git("add", ".dvc/config", cwd=a)
+    git("commit", "-qm", "DVC remote: the team's shared folder", cwd=a)
+    git("remote", "add", "origin", str(server), cwd=a)
+
+    out = dvc("repro", cwd=a)
+    assert sorted(stages_run(out.stdout)) == sorted(ALL), out.stdout
+    git("add", "-A", cwd=a)
+    git("commit", "-qm", "pipeline results (dvc.lock)", cwd=a)
+    git("push", "-q", "-u", "origin", "main", cwd=a)
+    dvc("push", "--run-cache", cwd=a)
+
+    b = clone(server, root / "b")
+    dvc("pull", cwd=b)
+    return {"root": root, "server": server, "remote": remote, "a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def pulled(team) -> dict[str, Any]:
+    """What B sees right after `git clone && dvc pull`, before anything else touches B's workspace."""
+    b = team["b"]
+    return {"status": dvc("status", cwd=b).stdout, "repro": dvc("repro", cwd=b).stdout,
+            "files": digest(b, *outputs(b))}
+
+
+@pytest.fixture(scope="module")
+def experiment(team, pulled) -> dict[str, Any]:
+    """B runs `dvc exp run -S dpo.beta=0.5` and pushes it to the git server (and its data to the remote)."""
+    b = team["b"]
+    out = dvc("exp", "run", "-n", EXP, "-S", "dpo.beta=0.5", cwd=b)
+    eval_json = (b / "reports/eval.json").read_bytes()
+    dvc("exp", "push", "origin", EXP, cwd=b)
+    return {"ran": stages_run(out.stdout), "eval": eval_json}
+
+
+def test_b_gets_every_output_and_reruns_nothing(team, pulled):
+    a = team["a"]
+    assert "Data and pipelines are up to date" in pulled["status"], pulled["status"]
+    assert stages_run(pulled["repro"]) == [], pulled["repro"]
+    assert pulled["files"] == digest(a, *outputs(a))
+    assert (team["b"] / "reports/eval.json").read_bytes() == (a / "reports/eval.json").read_bytes()
+    needed = {"data/raw", "data/clean", "data/formatted", "data/reference", "models/base", "models/sft",
+              "models/sft-merged", "models/dpo", "reports/eval.json"}
+    assert needed <= set(outputs(a))
+
+
+def test_experiment_reruns_only_dpo_and_evaluate(experiment):
+    assert sorted(experiment["ran"]) == ["dpo", "evaluate"]
+
+
+def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
+    a = team["a"]
+    original = (a / "reports/eval.json").read_bytes()
+    dvc("exp", "pull", "origin", EXP, cwd=a)
+
+    shown = json.loads(dvc("exp", "show", "--json", cwd=a).stdout)
+    exps = {e["name"]: e for row in shown for x in row.get("experiments") or [] for e in x["revs"]}
+    assert EXP in exps, shown
+    data = exps[EXP]["data"]
+    assert data["params"]["params.yaml"]["data"]["dpo"]["beta"] == 0.5
+    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["dpo"]
+    table = dvc("exp", "show", "--csv", cwd=a).stdout
+    assert EXP in table and "dpo.reward_margin" in table.splitlines()[0]
+
+    dvc("exp", "apply", EXP, cwd=a)  # promote B's experiment into A's workspace
+    assert (a / "reports/eval.json").read_bytes() == experiment["eval"] != original
+
+    set_params(a, {"dpo": {"beta": 0.1}})  # back to the committed value
+    shutil.rmtree(a / "checkpoints", ignore_errors=True)  # training would recreate it
+    out = dvc("repro", cwd=a).stdout
+    assert stages_run(out) == [], out
+    for stage in ("dpo", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
+    assert not (a / "checkpoints").exists()
+    assert (a / "reports/eval.json").read_bytes() == original
+    assert "Data and pipelines are up to date" in dvc("status", cwd=a).stdout
+
+
+def test_run_cache_travels_from_a_to_b(team, experiment):
+    """B never ran beta 0.1: `dvc pull --run-cache` brings A's run entries, so going back is a checkout."""
+    b = team["b"]
+    set_params(b, {"dpo": {"beta": 0.1}})
+    shutil.rmtree(b / "checkpoints", ignore_errors=True)
+    dvc("pull", "--run-cache", cwd=b)
+    out = dvc("repro", cwd=b).stdout
+    assert stages_run(out) == [], out
+    assert "Stage 'dpo' is cached - skipping run" in out
+    assert not (b / "checkpoints").exists()
+    assert (b / "reports/eval.json").read_bytes() == (team["a"] / "reports/eval.json").read_bytes()
+
+
+# ---------------------------------------------------------------- a damaged remote is reported, not trained over
+
+
+def damaged_clone(team, name: str) -> tuple[Path, Path]:
+    """A copy of the remote (to damage) and a fresh clone pointed at it."""
+    remote = team["root"] / f"remote-{name}"
+    shutil.copytree(team["remote"], remote)
+    member = clone(team["server"], team["root"] / name)
+    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=member)
+    return remote, member
+
+
+def test_missing_object_is_reported_by_status_and_pull(team):
+    remote, c = damaged_clone(team, "c-missing")
+    remote_object(remote, lock_md5(team["a"], "reports/eval.json")).unlink()
+
+    status = dvc("status", "-c", cwd=c)
+    assert "missing" in status.stdout and "reports/eval.json" in status.stdout, status.stdout
+    pulled = dvc("pull", cwd=c, check=False)
+    assert pulled.returncode != 0
+    assert lock_md5(team["a"], "reports/eval.json") in pulled.stderr and "reports/eval.json" in pulled.stderr
+    assert not (c / "reports/eval.json").exists() and (c / "models/dpo").is_dir()
+    assert "evaluate" in dvc("status", cwd=c).stdout  # the stage shows as changed; nothing hidden
+
+    # the member who has it pushes again; the next pull is complete
+    dvc("remote", "add", "--local", "repair", str(remote), cwd=team["a"])
+    dvc("push", "-r", "repair", cwd=team["a"])
+    dvc("pull", cwd=c)
+    assert (c / "reports/eval.json").read_bytes() == (team["a"] / "reports/eval.json").read_bytes()
+
+
+@pytest.mark.parametrize("first", ["status", "pull"])
+def test_corrupted_object_is_reported_not_used(team, first):
+    remote, c = damaged_clone(team, f"c-corrupt-{first}")
+    weights = "adapter_model.safetensors"
+    md5 = dir_entry_md5(team["a"], "models/dpo", weights)
+    obj = remote_object(remote, md5)
+    obj.chmod(0o644)
+    obj.write_bytes(obj.read_bytes()[:-16] + b"\0" * 16)  # same size, other bytes
+
+    if first == "status":
+        status = dvc("status", "-c", cwd=c)
+        assert "missing" in status.stdout and "models/dpo" in status.stdout, status.stdout
+    pulled = dvc("pull", cwd=c, check=False)
+    assert pulled.returncode != 0 and md5 in pulled.stderr and "models/dpo" in pulled.stderr, pulled.stderr
+    assert not (c / "models/dpo" / weights).exists()
+    assert "dpo" in dvc("status", cwd=c).stdout
+
+
+# ---------------------------------------------------------------- the Claude request cache travels too
+
+
+def test_request_cache_is_shared_so_b_never_pays_again(tmp_path):
+    """A pays for generation and shares `.cache/tuneforge/claude` via DVC; B's generate sends nothing."""
+    server_git, remote = tmp_path / "server.git", tmp_path / "dvc-remote"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(server_git)], cwd=tmp_path)
+    remote.mkdir()
+    a = project(tmp_path / "a", {"generate": {
+        "provider": "anthropic", "sft_count": 6, "dpo_count": 2,
+        "anthropic": {"concurrency": 4, "subtopics_per_category": 2, "questions_per_request": 4}}})
+    dvc("remote", "add", "-d", "storage", str(remote), cwd=a)
+    git("remote", "add", "origin", str(server_git), cwd=a)
+
+    with ClaudeServer() as claude:
+        env = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-test-team", "ANTHROPIC_BASE_URL": claude.url}
+        gen = [sys.executable, "-m", "stages.generate"]
+        subprocess.run(gen, cwd=a, env=env, check=True, capture_output=True, timeout=300)
+        paid = claude.answered
+        assert paid > 0
+        dvc("add", ".cache/tuneforge/claude", cwd=a)
+        git("add", ".dvc/config", ".cache/tuneforge/claude.dvc", cwd=a)
+        staged = git("status", "--porcelain", "--untracked-files=all", cwd=a).splitlines()
+        assert sorted(staged) == ["A  .cache/tuneforge/claude.dvc", "M  .dvc/config"]  # the answers stay out of git
+        git("commit", "-qm", "share the Claude request cache", cwd=a)
+        git("push", "-q", "-u", "origin", "main", cwd=a)
+        dvc("push", cwd=a)
+
+        b = clone(server_git, tmp_path / "b")
+        dvc("pull", cwd=b)
+        assert digest(b, ".cache/tuneforge/claude") == digest(a, ".cache/tuneforge/claude")
+        subprocess.run(gen, cwd=b, env=env, check=True, capture_output=True, timeout=300)
+        assert claude.answered == paid
+        assert json.loads((b / "reports/generation.json").read_text())["requests_sent"] == 0
+        assert (b / "data/raw/sft.jsonl").read_bytes() == (a / "data/raw/sft.jsonl").read_bytes()
