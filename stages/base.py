@@ -29,7 +29,7 @@ from transformers import (
 
 from stages.common import offline
 from stages.common.config import BaseConfig, ModelConfig, load_params
-from stages.common.io import run_main, write_json
+from stages.common.io import InputError, run_main, write_json
 from stages.common.templates import LLAMA3, ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,13 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     template = LLAMA3
     if not model_cfg.is_tiny:
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.base)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_cfg.base)
+        except (OSError, ValueError) as err:
+            raise InputError(
+                f"params.yaml: model.base={model_cfg.base!r} cannot be loaded (not a local folder, and not in "
+                f"the Hugging Face cache while offline?): {err}"
+            ) from None
         tokenizer.save_pretrained(output)  # its template, if any, is kept; `format` applies model.chat_template
         write_json(output / BASE_REF, {"base": model_cfg.base})
         return {"base": model_cfg.base}

@@ -19,9 +19,8 @@ import time
 from typing import Any, Literal
 
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig, load_params
-from stages.common.engine import TrainSpec, device, load_for_training, write_meta
+from stages.common.engine import device, load_for_training, resolve_engine, write_meta
 from stages.common.io import hash_dir, require, run_main, write_json
-from stages.reference import load_reference_logps
 from stages.common.training import (
     checkpoint_dir,
     last_checkpoint,
@@ -30,6 +29,7 @@ from stages.common.training import (
     summarize,
     write_loss_curve,
 )
+from stages.reference import dpo_spec, load_reference_logps, mixed_precision, precision
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,13 @@ def peak_rss_mb() -> float:
     return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def with_reference(rows: list[dict[str, Any]], stored: list[dict[str, float]]) -> list[dict[str, Any]]:
-    return [{**{c: r[c] for c in COLUMNS[1:]}, **s} for r, s in zip(rows, stored, strict=True)]
+def with_reference(rows: list[dict[str, Any]], stored: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Rows with their stored ref log-probs; pairs without any (TRL drops their too-long prompts) are left out."""
+    kept = [{**{c: r[c] for c in COLUMNS[1:]}, **stored[r["id"]]} for r in rows if r["id"] in stored]
+    if len(kept) < len(rows):
+        log.warning("%d of %d pairs have no stored reference log-probs (prompt >= max_length): left out",
+                    len(rows) - len(kept), len(rows))
+    return kept
 
 
 def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig,
@@ -57,38 +62,28 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     train_file = require(paths.formatted / "dpo_train.jsonl", "formatted DPO data")
     eval_file = require(paths.formatted / "dpo_eval.jsonl", "formatted DPO data")
     train_rows, eval_rows = load_rows(train_file, COLUMNS), load_rows(eval_file, COLUMNS)
+    reference_hash = hash_dir(reference)
     ref_inputs = []
     if reference_mode == "stored":  # checked before any model is loaded
-        max_length = model_cfg.max_seq_length
-        train_rows = with_reference(train_rows, load_reference_logps(
-            paths, "dpo_train", [r["id"] for r in train_rows], max_length))
-        eval_rows = with_reference(eval_rows, load_reference_logps(
-            paths, "dpo_eval", [r["id"] for r in eval_rows], max_length))
+        settings = (resolve_engine(sft_cfg.engine), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
+                    reference_hash)
+        train_rows = with_reference(train_rows, load_reference_logps(paths, "dpo_train", *settings))
+        eval_rows = with_reference(eval_rows, load_reference_logps(paths, "dpo_eval", *settings))
         ref_inputs = [paths.reference / "dpo_train.jsonl", paths.reference / "dpo_eval.jsonl"]
     else:
         train_rows = [{c: r[c] for c in COLUMNS[1:]} for r in train_rows]
         eval_rows = [{c: r[c] for c in COLUMNS[1:]} for r in eval_rows]
-    spec = TrainSpec(
-        model=str(reference), tokenizer=reference, method="lora", engine=sft_cfg.engine, lora=cfg.lora,
-        quantization=sft_cfg.quantization, partial=sft_cfg.partial,
-        max_seq_length=model_cfg.max_seq_length, seed=model_cfg.seed,
-    )
-    model, tokenizer, engine = load_for_training(spec)
+    model, tokenizer, engine = load_for_training(dpo_spec(paths, cfg, sft_cfg, model_cfg))
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
     train = Dataset.from_list(train_rows)
     evaluation = Dataset.from_list(eval_rows)
-    reference_hash = hash_dir(reference)
     key = run_key([train_file, eval_file, *ref_inputs],
                   {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "reference": reference_hash,
                    "engine": engine, "reference_mode": reference_mode})
     out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
-    trainer_args = dict(cfg.trainer)
-    if device() == "cpu":
-        # TRL defaults bf16 to True, even on CPU: there it is slower, and the policy's log-probs would not be
-        # computed at the (fp32) precision of the stored reference log-probs
-        trainer_args.setdefault("bf16", False)
+    trainer_args = {**cfg.trainer, **precision(cfg.trainer)}  # fp32 on CPU unless dpo.trainer says otherwise
     args = TrlDPOConfig(
         output_dir=str(out_dir),
         beta=cfg.beta,

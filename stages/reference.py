@@ -4,26 +4,31 @@ DVC stage `reference`: models/sft-merged + data/formatted/dpo_{train,eval}.jsonl
 Run: python -m stages.reference
 
 For every pair, log P_ref(chosen | prompt) and log P_ref(rejected | prompt) summed over completion tokens,
-tokenised exactly as TRL's DPOTrainer tokenises (prompt, chosen, rejected) and truncated to
-`model.max_seq_length` as its collator does, so `dpo` can hand them to the trainer and never run the
-reference model. The output is keyed by its inputs (DVC reruns it only when sft-merged or the DPO data
-change, not when `dpo.*` changes); meta.json records the reference's content hash and the data digests,
-which `dpo` checks before using the numbers.
+so `dpo` hands them to TRL's DPOTrainer and never runs the reference. They are computed by TRL's own
+precompute (`DPOConfig.precompute_ref_log_probs`) on the model loaded exactly as `dpo` loads its policy
+(same engine, dtype, LoRA wrapping with the adapter disabled, mixed precision): the numbers are then the
+ones TRL's reference forward would give during training, tokenisation and truncation included (the unsloth
+engine, for one, loads the base in bf16 even on CPU). DVC reruns the stage when sft-merged, the DPO data,
+the engine or the truncation change, not when `dpo.beta` or `dpo.trainer` change; meta.json records the
+reference's content hash, the data digests, engine, truncation and precision, which `dpo` checks.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+import tempfile
 from typing import Any
 
-import torch
-
-from stages.common.config import PathsConfig, ReferenceConfig, load_params
-from stages.common.engine import device, load_causal_lm, load_tokenizer
+from stages.common.config import (
+    DpoConfig,
+    ModelConfig,
+    PathsConfig,
+    ReferenceConfig,
+    SftConfig,
+    load_params,
+)
+from stages.common.engine import TrainSpec, device, load_for_training
 from stages.common.io import InputError, hash_dir, read_json, require, run_main, write_json, write_jsonl
-from stages.common.logprobs import Encoded, masked_logprobs
 from stages.common.training import file_digest, load_rows
 
 log = logging.getLogger(__name__)
@@ -33,109 +38,94 @@ META = "meta.json"
 COLUMNS = ("id", "prompt", "chosen", "rejected")
 
 
-@dataclass(frozen=True)
-class PairTokens:
-    chosen: Encoded
-    rejected: Encoded
+def dpo_spec(paths: PathsConfig, dpo_cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig) -> TrainSpec:
+    """How `dpo` loads its policy: sft-merged + a fresh LoRA adapter, on the SFT engine."""
+    return TrainSpec(
+        model=str(paths.sft_merged), tokenizer=paths.sft_merged, method="lora", engine=sft_cfg.engine,
+        lora=dpo_cfg.lora, quantization=sft_cfg.quantization, partial=sft_cfg.partial,
+        max_seq_length=model_cfg.max_seq_length, seed=model_cfg.seed,
+    )
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def precision(trainer: dict[str, Any]) -> dict[str, bool]:
+    """bf16 / fp16 for trl.DPOConfig: as dpo.trainer says; on CPU fp32 unless it says otherwise (TRL would
+    default to bf16 autocast, which is slower there)."""
+    if device() == "cpu":
+        return {"bf16": bool(trainer.get("bf16", False)), "fp16": bool(trainer.get("fp16", False))}
+    return {k: trainer[k] for k in ("bf16", "fp16") if k in trainer}
 
 
-def trl_encode(tokenizer: Any, prompt: str, chosen: str, rejected: str, max_length: int | None) -> PairTokens:
-    """(prompt + chosen, prompt + rejected) token ids and completion masks as TRL 1.15's DPOTrainer builds them.
-
-    Mirrors `DPOTrainer._prepare_dataset` for text (non-conversational) rows: EOS appended when missing,
-    `tokenizer(text=...)` with its default special tokens, the completion starting where prompt and
-    prompt+completion diverge, then `DataCollatorForPreference`'s keep_start truncation to max_length.
-    """
-    eos = tokenizer.eos_token
-    chosen = chosen if chosen.endswith(eos) else chosen + eos
-    rejected = rejected if rejected.endswith(eos) else rejected + eos
-    prompt_ids = tokenizer(text=prompt)["input_ids"]
-    chosen_ids = tokenizer(text=prompt + chosen)["input_ids"]
-    rejected_ids = tokenizer(text=prompt + rejected)["input_ids"]
-    n = min(_common_prefix(prompt_ids, chosen_ids), _common_prefix(prompt_ids, rejected_ids))
-
-    def encoded(ids: list[int]) -> Encoded:
-        mask = [0] * n + [1] * (len(ids) - n)
-        if max_length is not None:
-            ids, mask = ids[:max_length], mask[:max_length]
-        return Encoded(list(ids), mask)
-
-    return PairTokens(encoded(chosen_ids), encoded(rejected_ids))
+def mixed_precision(trainer: dict[str, Any]) -> str:
+    flags = precision(trainer)
+    fp16 = flags.get("fp16", False)
+    return "bf16" if flags.get("bf16", not fp16) else "fp16" if fp16 else "fp32"  # TRL: bf16 unless fp16
 
 
-def reference_logps(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_length: int | None,
-                    batch_size: int) -> list[dict[str, Any]]:
-    """One row per pair: id, ref_chosen_logps, ref_rejected_logps and the completion token counts."""
-    pairs = [trl_encode(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length) for r in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chosen = masked_logprobs(model, [p.chosen for p in pairs], batch_size=batch_size, pad_token_id=pad)
-    rejected = masked_logprobs(model, [p.rejected for p in pairs], batch_size=batch_size, pad_token_id=pad)
-    return [
-        {"id": r["id"], "ref_chosen_logps": c, "ref_rejected_logps": j, "chosen_tokens": nc, "rejected_tokens": nj}
-        for r, c, j, nc, nj in zip(rows, chosen.logps, rejected.logps, chosen.n_tokens, rejected.n_tokens,
-                                   strict=True)
-    ]
-
-
-def expected_meta(reference: Path, formatted: Path, max_length: int | None) -> dict[str, Any]:
-    """What identifies stored reference log-probs: the reference's content hash, the data, the truncation."""
+def expected_meta(paths: PathsConfig, engine: str, max_length: int | None, mixed_precision: str,
+                  reference_sha256: str | None = None) -> dict[str, Any]:
+    """What identifies stored reference log-probs: reference content hash, data, engine, truncation, precision."""
     return {
-        "reference_sha256": hash_dir(reference),
-        "data_sha256": {s: file_digest(formatted / f"{s}.jsonl") for s in SPLITS},
+        "reference_sha256": reference_sha256 or hash_dir(paths.sft_merged),
+        "data_sha256": {s: file_digest(paths.formatted / f"{s}.jsonl") for s in SPLITS},
+        "engine": engine,
         "max_length": max_length,
+        "precision": mixed_precision,
     }
 
 
-def reference(cfg: ReferenceConfig, paths: PathsConfig, max_length: int | None) -> dict[str, Any]:
+def reference(cfg: ReferenceConfig, paths: PathsConfig, dpo_cfg: DpoConfig, sft_cfg: SftConfig,
+              model_cfg: ModelConfig) -> dict[str, Any]:
     """Compute and write data/reference/{dpo_train,dpo_eval}.jsonl + meta.json; returns the meta."""
-    ref_dir = require(paths.sft_merged, "merged SFT model (the DPO reference)")
-    files = {s: require(paths.formatted / f"{s}.jsonl", "formatted DPO data") for s in SPLITS}
-    # the dtype sft-merged was stored in (as the DPO policy loads it); fp32 on CPU
-    model = load_causal_lm(str(ref_dir), dtype=torch.float32 if device() == "cpu" else "auto")
-    model.eval()
-    tokenizer = load_tokenizer(ref_dir)
-    meta = {**expected_meta(ref_dir, paths.formatted, max_length), "reference": str(ref_dir), "pairs": {}}
-    for split, path in files.items():
-        rows = load_rows(path, COLUMNS)
-        out = reference_logps(model, tokenizer, rows, max_length, cfg.batch_size)
-        write_jsonl(paths.reference / f"{split}.jsonl", out)
-        meta["pairs"][split] = len(out)
-        log.info("%s: reference log-probs for %d pairs", split, len(out))
+    from datasets import Dataset
+
+    require(paths.sft_merged, "merged SFT model (the DPO reference)")
+    rows = {s: load_rows(require(paths.formatted / f"{s}.jsonl", "formatted DPO data"), COLUMNS) for s in SPLITS}
+    model, tokenizer, engine = load_for_training(dpo_spec(paths, dpo_cfg, sft_cfg, model_cfg))
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        args = TrlDPOConfig(output_dir=tmp, max_length=model_cfg.max_seq_length, precompute_ref_log_probs=True,
+                            precompute_ref_batch_size=cfg.batch_size, report_to=[], use_cpu=device() == "cpu",
+                            seed=model_cfg.seed, **precision(dpo_cfg.trainer))
+        # the trainer tokenises, truncates and runs the reference (its policy with the adapter disabled) here
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows["dpo_train"]),
+                             eval_dataset=Dataset.from_list(rows["dpo_eval"]), processing_class=tokenizer)
+        meta = {**expected_meta(paths, engine, model_cfg.max_seq_length, mixed_precision(dpo_cfg.trainer)),
+                "reference": str(paths.sft_merged), "pairs": {},
+                "dtype": str(next(model.get_base_model().parameters()).dtype).removeprefix("torch.")}
+        for split, ds in (("dpo_train", trainer.train_dataset), ("dpo_eval", trainer.eval_dataset)):
+            out = [{"id": r["id"], "ref_chosen_logps": r["ref_chosen_logps"],
+                    "ref_rejected_logps": r["ref_rejected_logps"], "prompt_tokens": len(r["prompt_ids"]),
+                    "chosen_tokens": len(r["chosen_ids"]), "rejected_tokens": len(r["rejected_ids"])} for r in ds]
+            write_jsonl(paths.reference / f"{split}.jsonl", out)
+            meta["pairs"][split] = len(out)
+            log.info("%s: reference log-probs for %d of %d pairs", split, len(out), len(rows[split]))
     write_json(paths.reference / META, meta)
     return meta
 
 
-def load_reference_logps(paths: PathsConfig, split: str, ids: list[str], max_length: int | None,
-                         ) -> list[dict[str, float]]:
-    """Stored ref log-probs for these pair ids, after checking they belong to this reference and data."""
+def load_reference_logps(paths: PathsConfig, split: str, engine: str, max_length: int | None,
+                         mixed_precision: str, reference_sha256: str | None = None) -> dict[str, dict[str, float]]:
+    """Stored ref log-probs by pair id, after checking they belong to this reference, data, engine and settings.
+
+    Pairs TRL drops (a prompt that fills max_length) have none; `dpo` drops them too."""
     folder = require(paths.reference, "stored DPO reference log-probs")
     meta = read_json(require(folder / META, "stored DPO reference log-probs metadata"))
-    expected = expected_meta(paths.sft_merged, paths.formatted, max_length)
+    expected = expected_meta(paths, engine, max_length, mixed_precision, reference_sha256)
     stale = [k for k, v in expected.items() if meta.get(k) != v]
     if stale:
         raise InputError(f"{folder / META}: stored reference log-probs were computed for another {', '.join(stale)} "
                          "(run `dvc repro reference`)")
     path = folder / f"{split}.jsonl"
-    stored = {r["id"]: r for r in load_rows(path, ("id", "ref_chosen_logps", "ref_rejected_logps"))}
-    missing = [i for i in ids if i not in stored]
-    if missing:
-        raise InputError(f"{path}: no reference log-probs for pair(s) {missing[:5]} (run `dvc repro reference`)")
-    return [{"ref_chosen_logps": float(stored[i]["ref_chosen_logps"]),
-             "ref_rejected_logps": float(stored[i]["ref_rejected_logps"])} for i in ids]
+    return {r["id"]: {"ref_chosen_logps": float(r["ref_chosen_logps"]),
+                      "ref_rejected_logps": float(r["ref_rejected_logps"])}
+            for r in load_rows(path, ("id", "ref_chosen_logps", "ref_rejected_logps"))}
 
 
 def main() -> None:
     params = load_params()
-    meta = reference(params.reference, params.paths, params.model.max_seq_length)
+    meta = reference(params.reference, params.paths, params.dpo, params.sft, params.model)
     log.info("reference log-probs stored in %s: %s", params.paths.reference, meta["pairs"])
 
 

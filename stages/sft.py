@@ -13,6 +13,7 @@ the last complete one, other data or params never resume, and a finished run rem
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
             trainer_args["packing"] = False
     key = run_key([train_file, eval_file, paths.base / "config.json" if (paths.base / "config.json").exists()
                    else paths.base / "tokenizer_config.json"],
-                  {"sft": cfg.model_dump(), "model": model_cfg.model_dump(), "engine": engine})
+                  {"sft": cfg.model_dump(), "model": model_cfg.model_dump(), "engine": engine,
+                   "world_size": int(os.environ.get("WORLD_SIZE", "1"))})  # more processes, other batches
     out_dir = checkpoint_dir(paths.checkpoints, "sft", key)
     args = TrlSFTConfig(
         output_dir=str(out_dir),
@@ -91,6 +93,12 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer)
+    backend = None
+    if trainer.args.world_size > 1:
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        log.info("distributed: %d processes, %s backend", trainer.args.world_size, backend)
     labelled, total = loss_tokens(trainer.train_dataset)
     log.info("loss on %d of %d training tokens (assistant_only_loss=%s)", labelled, total, cfg.assistant_only_loss)
     resume = last_checkpoint(out_dir)
@@ -117,6 +125,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
         "train_tokens": total,
         "packing": bool(args.packing),
         "processes": trainer.args.world_size,
+        "distributed_backend": backend,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_rows": len(train),
         "runtime_s": round(runtime, 2),

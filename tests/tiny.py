@@ -140,3 +140,20 @@ def run_python(code: str, cwd: Path, timeout: float = 300) -> str:
     if result.returncode != 0:
         raise AssertionError(f"snippet failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
     return result.stdout
+
+
+# Loads models/sft (an adapter) onto models/base with plain transformers + peft, in a process where
+# unsloth was never imported; prints one JSON line.
+LOAD_ADAPTER = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base = AutoModelForCausalLM.from_pretrained("models/base")
+model = PeftModel.from_pretrained(base, "models/sft").eval()
+ids = AutoTokenizer.from_pretrained("models/sft")("Decide.", return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    logits = model(ids).logits
+assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
+print(json.dumps({"finite": bool(torch.isfinite(logits).all()), "shape": list(logits.shape),
+                  "lora_tensors": sum("lora_" in n for n, _ in model.named_parameters())}))
+"""

@@ -104,9 +104,26 @@ def last_checkpoint(folder: Path) -> str | None:
     for step, path in reversed(found):
         if (path / "trainer_state.json").exists():
             log.info("resuming from %s (step %d)", path, step)
+            _expose_default_adapter(path)
             return str(path)
         log.warning("skipping incomplete checkpoint %s (no trainer_state.json: killed while saving)", path)
     return None
+
+
+def _expose_default_adapter(checkpoint: Path) -> None:
+    """PEFT saves the `default` adapter at the top of a checkpoint and any other adapter (TRL's DPO `ref`
+    copy) in a subfolder; on resume transformers then loads only the subfolders and silently restarts the
+    policy from its initial weights. A `default/` subfolder copy makes it load the trained adapter too."""
+    weights = checkpoint / "adapter_model.safetensors"
+    others = [d for d in checkpoint.iterdir() if d.is_dir() and (d / "adapter_model.safetensors").exists()]
+    target = checkpoint / "default"
+    if not weights.exists() or not others or target.exists():
+        return
+    target.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy2(checkpoint / name, target / name)
+    log.info("checkpoint holds adapters %s besides the trained one: exposing it as %s",
+             sorted(d.name for d in others), target)
 
 
 def finish_run(folder: Path) -> None:

@@ -1,19 +1,17 @@
 """The deployment against a real `prefect server start`: process work pool, worker, two runs, API checks.
 
-Uses a toy DVC repo (a few instant shell stages shaped like tuneforge's reports) with this checkout's
-flows/ and prefect.yaml copied in, so it exercises the shipped deployment file in seconds.
+Deploys this checkout's flows/ and prefect.yaml over a copy of the project running the real
+pipeline at its smallest size (tests.repo.MINIMAL: every stage, a couple of training steps each).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from dvc_toy import make_toy_repo
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -25,28 +23,7 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.server import local_server, prefect_cli, stop
-
-ROOT = Path(__file__).resolve().parents[2]
-
-STAGES = {
-    "base": {"cmd": "echo base > base.txt", "outs": ["base.txt"]},
-    "generate": {
-        "cmd": 'mkdir -p reports && echo raw > raw.txt && echo \'{"cost_usd": 0.0, "rows": 3}\' > reports/generation.json',
-        "outs": ["raw.txt"],
-        "metrics": ["reports/generation.json"],
-    },
-    "validate": {
-        "cmd": 'cat raw.txt base.txt > clean.txt && echo \'{"kept": 3, "rejected": 0}\' > reports/validation.json',
-        "deps": ["raw.txt", "base.txt"],
-        "outs": ["clean.txt"],
-        "metrics": ["reports/validation.json"],
-    },
-    "evaluate": {
-        "cmd": "printf '| model | margin |\\n|---|---|\\n| dpo | 0.5 |\\n' > reports/eval.md",
-        "deps": ["clean.txt"],
-        "outs": ["reports/eval.md"],
-    },
-}
+from tests.repo import MINIMAL, make_repo
 
 
 def _cli(env: dict[str, str], cwd: Path, *args: str) -> str:
@@ -58,7 +35,7 @@ def _cli(env: dict[str, str], cwd: Path, *args: str) -> str:
 
 
 def _run_and_inspect(flow_run_name: str) -> tuple[object, dict[str, str], dict[str, object]]:
-    flow_run = run_deployment("pipeline/tuneforge", timeout=180, poll_interval=1, flow_run_name=flow_run_name)
+    flow_run = run_deployment("pipeline/tuneforge", timeout=1200, poll_interval=1, flow_run_name=flow_run_name)
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run.id]))
@@ -70,11 +47,9 @@ def _run_and_inspect(flow_run_name: str) -> tuple[object, dict[str, str], dict[s
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1500)
 def test_deployment_runs_on_a_real_server_with_a_worker(tmp_path: Path) -> None:
-    repo = make_toy_repo(tmp_path / "checkout", STAGES, params={"paths": {"reports": "reports"}})
-    shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "prefect.yaml", repo / "prefect.yaml")
+    repo = make_repo(tmp_path / "checkout", MINIMAL)
     stages = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
     with local_server(tmp_path / "prefect-home") as env:
@@ -104,7 +79,7 @@ def test_deployment_runs_on_a_real_server_with_a_worker(tmp_path: Path) -> None:
                 )
                 assert tasks == dict.fromkeys(stages, "Completed")
                 assert {"dvc-stages", "eval-table", "validation-summary", "generation-cost"} <= set(arts)
-                assert "| dpo | 0.5 |" in arts["eval-table"]
+                assert "| dpo |" in arts["eval-table"]
                 assert {r["stage"]: r["outcome"] for r in json.loads(arts["dvc-stages"])} == dict.fromkeys(
                     stages, "ran"
                 )

@@ -50,7 +50,7 @@ def _count_reference_forwards(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("max_length", [256, 36])  # 36 truncates most pairs (keep_start, as TRL's collator)
+@pytest.mark.parametrize("max_length", [256, 36, 28])  # 36 truncates most pairs; 28: TRL drops 3 prompts
 def test_stored_logps_equal_trls_own_precomputed(ws, tmp_path, max_length):
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -59,23 +59,24 @@ def test_stored_logps_equal_trls_own_precomputed(ws, tmp_path, max_length):
     from stages.common.engine import use_torch_logprob_without_cuda
 
     p = _params(ws, max_seq_length=max_length)
-    ref_stage.reference(p.reference, p.paths, max_length)
+    ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     stored = read_jsonl(ws / "data" / "reference" / "dpo_train.jsonl")
-    if max_length == 36:  # truncated, yet every completion keeps some tokens
-        assert all(0 < r["chosen_tokens"] < 20 and 0 < r["rejected_tokens"] < 20 for r in stored)
+    if max_length == 36:  # most pairs truncated (keep_start, in TRL's collator)
+        assert sum(r["prompt_tokens"] + r["chosen_tokens"] > 36 for r in stored) >= 4
 
     use_torch_logprob_without_cuda()
     model = AutoModelForCausalLM.from_pretrained(ws / "models" / "sft-merged")
     policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     rows = read_jsonl(ws / "data" / "formatted" / "dpo_train.jsonl")
-    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    ds = Dataset.from_list([{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in rows])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), precompute_ref_log_probs=True, max_length=max_length,
                      per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False)
     trainer = DPOTrainer(model=policy, args=args, train_dataset=ds,
                          processing_class=AutoTokenizer.from_pretrained(ws / "models" / "sft-merged"))
     trl_chosen = trainer.train_dataset["ref_chosen_logps"]
     trl_rejected = trainer.train_dataset["ref_rejected_logps"]
-    assert len(trl_chosen) == len(stored) == 6
+    assert [r["id"] for r in stored] == trainer.train_dataset["id"]  # the pairs TRL keeps, in order
+    assert len(stored) == (3 if max_length == 28 else 6)
     for ours, c, r in zip(stored, trl_chosen, trl_rejected, strict=True):
         assert ours["ref_chosen_logps"] == pytest.approx(c, abs=1e-4)
         assert ours["ref_rejected_logps"] == pytest.approx(r, abs=1e-4)
@@ -84,7 +85,7 @@ def test_stored_logps_equal_trls_own_precomputed(ws, tmp_path, max_length):
 
 def test_dpo_trains_on_stored_reference_without_reference_forward(ws, monkeypatch):
     p = _params(ws)
-    ref_stage.reference(p.reference, p.paths, p.model.max_seq_length)
+    ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     calls = _count_reference_forwards(monkeypatch)
     report = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     assert calls[0] == 0  # no reference forward: neither in training nor in the final evaluation
@@ -104,7 +105,7 @@ def test_dpo_trains_on_stored_reference_without_reference_forward(ws, monkeypatc
 def test_stored_reference_trains_like_trls_implicit_reference(ws, monkeypatch):
     """Same seed, same data: the loss curve with stored log-probs equals TRL's own reference forward's."""
     p = _params(ws, trainer={**TRAINER, "max_steps": 6})
-    ref_stage.reference(p.reference, p.paths, p.model.max_seq_length)
+    ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     stored = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     stored_curve = (ws / "reports" / "dpo_loss.csv").read_text()
     calls = _count_reference_forwards(monkeypatch)
@@ -119,7 +120,7 @@ def test_stored_reference_trains_like_trls_implicit_reference(ws, monkeypatch):
 
 def test_stale_reference_is_refused(ws):
     p = _params(ws)
-    ref_stage.reference(p.reference, p.paths, p.model.max_seq_length)
+    ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     other = AutoModelForCausalLM.from_pretrained(ws / "models" / "sft-merged")
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
@@ -127,10 +128,13 @@ def test_stale_reference_is_refused(ws):
     with pytest.raises(InputError, match=r"meta\.json: .*another reference_sha256.*dvc repro reference"):
         dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     # another truncation length = other numbers
-    ref_stage.reference(p.reference, p.paths, p.model.max_seq_length)
+    ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     q = _params(ws, max_seq_length=32)
     with pytest.raises(InputError, match="another max_length"):
         dpo_stage.dpo(q.dpo, q.sft, q.model, q.paths)
+    unsloth = p.sft.model_copy(update={"engine": "unsloth"})  # another engine computes other numbers
+    with pytest.raises(InputError, match="another engine"):
+        dpo_stage.dpo(p.dpo, unsloth, p.model, p.paths)
 
 
 def test_missing_inputs_name_the_file(ws):
@@ -139,23 +143,10 @@ def test_missing_inputs_name_the_file(ws):
         dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     (ws / "data" / "formatted" / "dpo_eval.jsonl").unlink()
     with pytest.raises(InputError, match="dpo_eval.jsonl"):
-        ref_stage.reference(p.reference, p.paths, 256)
+        ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     shutil.rmtree(ws / "models" / "sft-merged")
     with pytest.raises(InputError, match="models/sft-merged: merged SFT model"):
-        ref_stage.reference(p.reference, p.paths, 256)
-
-
-def test_trl_encode_mirrors_trl_tokenisation(ws):
-    """EOS appended when missing, completion starts at the common prefix, keep_start truncation."""
-    tok = AutoTokenizer.from_pretrained(ws / "models" / "sft-merged")
-    row = read_jsonl(ws / "data" / "formatted" / "dpo_train.jsonl")[0]
-    pair = ref_stage.trl_encode(tok, row["prompt"], row["chosen"].removesuffix(tok.eos_token), row["rejected"], None)
-    prompt_ids = tok(text=row["prompt"])["input_ids"]
-    assert pair.chosen.input_ids[: len(prompt_ids)] == prompt_ids
-    assert pair.chosen.input_ids[-1] == tok.eos_token_id and pair.rejected.input_ids[-1] == tok.eos_token_id
-    assert pair.chosen.mask == [0] * len(prompt_ids) + [1] * (len(pair.chosen.input_ids) - len(prompt_ids))
-    short = ref_stage.trl_encode(tok, row["prompt"], row["chosen"], row["rejected"], 10)
-    assert len(short.chosen.input_ids) == 10 and short.chosen.input_ids == pair.chosen.input_ids[:10]
+        ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
 
 
 # -- DVC: the stored log-probs are their own output, so a beta change reruns dpo but not reference ---------------
@@ -169,7 +160,7 @@ def _fake_outputs(repo: Path) -> None:
             for out in stage.get(kind, []):
                 name = next(iter(out)) if isinstance(out, dict) else out
                 for key, value in paths.items():
-                    name = name.replace("${paths.%s}" % key, value)
+                    name = name.replace("${paths." + key + "}", value)
                 target = repo / name
                 if target.suffix:
                     target.parent.mkdir(parents=True, exist_ok=True)

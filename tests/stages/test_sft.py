@@ -50,8 +50,9 @@ def trained(tiny, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora", "full", "partial"])
-def test_every_method_trains_and_loads_with_plain_transformers(trained, method):
+def test_every_method_trains_and_loads_with_plain_transformers(trained, method, monkeypatch):
     ws, report = trained(method)
+    monkeypatch.chdir(ws)  # tuneforge.json names the base relative to the workspace
     assert report["method"] == method and report["engine"] == "transformers"
     assert report["steps"] == 6 and report["first_loss"] is not None
     adapter = (ws / "models/sft/adapter_config.json").exists()

@@ -1,0 +1,219 @@
+"""Resumable training (stages/common/training.py): run keys, checkpoint hygiene, and real kills.
+
+The slow tests SIGKILL a running `dvc repro` (its whole process group, as an OOM killer or a lost
+machine would) once the first checkpoint is on disk, run `dvc repro` again and check that it resumed
+from that checkpoint and that the loss curve matches an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.common.config import TrainConfig, load_params
+from stages.common.training import (
+    checkpoint_dir,
+    finish_run,
+    last_checkpoint,
+    launch_command,
+    relaunch_distributed,
+    run_key,
+)
+from tests.repo import REDUCED, VENV_BIN, dvc, make_repo, stages_run
+from tests.repo import env as repo_env
+from tests.tiny import LOAD_ADAPTER, run_python, run_stage, workspace
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_run_key_changes_with_data_and_params(tmp_path):
+    data = write(tmp_path / "train.jsonl", '{"input_ids": [1, 2]}\n')
+    key = run_key([data], {"lr": 1e-3})
+    assert key == run_key([data], {"lr": 1e-3})
+    assert key != run_key([data], {"lr": 2e-3})
+    write(data, '{"input_ids": [1, 3]}\n')
+    assert key != run_key([data], {"lr": 1e-3})
+
+
+def test_checkpoint_dir_removes_checkpoints_of_other_runs(tmp_path):
+    old = write(tmp_path / "sft/aaaa/checkpoint-4/trainer_state.json", "{}").parents[1]
+    other_stage = write(tmp_path / "dpo/cccc/checkpoint-2/trainer_state.json", "{}").parents[1]
+    out = checkpoint_dir(tmp_path, "sft", "bbbb")
+    assert out == tmp_path / "sft/bbbb" and out.is_dir()
+    assert not old.exists() and other_stage.exists()
+    assert last_checkpoint(out) is None
+
+
+def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
+    write(tmp_path / "checkpoint-2/trainer_state.json", "{}")
+    write(tmp_path / "checkpoint-10/trainer_state.json", "{}")
+    write(tmp_path / "checkpoint-12/adapter_model.safetensors", "")  # killed while saving
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert last_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_loads_the_trained_adapter_beside_trl_reference_copy(tmp_path):
+    """PEFT keeps `default` at the top and TRL's `ref` in a subfolder; transformers would load only `ref`."""
+    ckpt = tmp_path / "checkpoint-2"
+    write(ckpt / "trainer_state.json", "{}")
+    write(ckpt / "adapter_model.safetensors", "trained")
+    write(ckpt / "adapter_config.json", "{}")
+    write(ckpt / "ref/adapter_model.safetensors", "initial")
+    assert last_checkpoint(tmp_path) == str(ckpt)
+    assert (ckpt / "default/adapter_model.safetensors").read_text() == "trained"
+    assert (ckpt / "default/adapter_config.json").exists()
+
+
+def test_finish_run_removes_the_run_checkpoints(tmp_path):
+    folder = write(tmp_path / "sft/k/checkpoint-2/trainer_state.json", "{}").parents[1]
+    finish_run(folder)
+    assert not folder.exists()
+
+
+def test_launch_command_is_accelerate_launch_of_the_stage(tmp_path):
+    cmd = launch_command("stages.sft", TrainConfig(num_processes=2))
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and cmd[4] == "2"
+    assert "--multi_gpu" in cmd and cmd[-2:] == ["-m", "stages.sft"]
+    cfg = write(tmp_path / "fsdp.yaml", "distributed_type: FSDP\n")
+    cmd = launch_command("stages.dpo", TrainConfig(num_processes=4, accelerate_config=cfg, mixed_precision="bf16"))
+    assert cmd[cmd.index("--config_file") + 1] == str(cfg) and "--multi_gpu" not in cmd
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+
+
+def test_relaunch_is_a_no_op_for_one_process_or_inside_a_launch(monkeypatch):
+    relaunch_distributed("stages.sft", TrainConfig(num_processes=1))  # returns: train here
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    relaunch_distributed("stages.sft", TrainConfig(num_processes=2))  # already launched: train here
+
+
+@pytest.mark.slow
+def test_checkpoints_of_other_data_or_params_are_never_resumed(tiny, tmp_path, monkeypatch):
+    from stages import sft as sft_stage
+
+    ws = workspace(tiny, tmp_path, {"sft": {"trainer": {"max_steps": 2, "eval_strategy": "no", "save_steps": 1,
+                                                        "load_best_model_at_end": False}}})
+    stale = write(ws / "checkpoints/sft/0123456789abcdef/checkpoint-1/trainer_state.json",
+                  json.dumps({"global_step": 1})).parents[1]
+    monkeypatch.chdir(ws)
+    params = load_params(ws / "params.yaml")
+    report = sft_stage.sft(params.sft, params.model, params.paths)
+    assert report["resumed_from_step"] == 0 and report["steps"] == 2
+    assert not stale.exists()
+    assert list((ws / "checkpoints/sft").iterdir()) == []  # the finished run removed its own checkpoints
+
+
+@pytest.mark.slow
+def test_sft_with_two_processes_under_accelerate_launch(tiny, tmp_path):
+    """train.num_processes: 2 -> DDP over gloo on CPU; rank 0 alone writes the adapter and the report."""
+    ws = workspace(tiny, tmp_path, {"train": {"num_processes": 2}, "sft": {"engine": "auto", "trainer": {
+        "num_train_epochs": 1, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}}})
+    out = run_stage("stages.sft", ws).stdout
+    assert "accelerate.commands.launch --num_processes 2" in out
+    report = json.loads((ws / "reports/sft.json").read_text())
+    assert report["processes"] == 2 and report["distributed_backend"] == "gloo"
+    assert report["steps"] == 3  # 24 rows / (batch 4 x 2 processes)
+    assert out.count("sft done") == 1  # only rank 0 reports
+    loaded = json.loads(run_python(LOAD_ADAPTER, ws).strip().splitlines()[-1])
+    assert loaded["finite"] and loaded["lora_tensors"] > 0
+
+
+# --- real kills under DVC -------------------------------------------------------------------------------
+
+RESUME = {
+    **REDUCED,
+    "base": {"corpus_size": 200, "epochs": 1, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+             "num_heads": 2, "num_kv_heads": 1},
+    "generate": {"sft_count": 60, "dpo_count": 40},
+    "sft": {"trainer": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                        "eval_steps": 4, "save_steps": 4, "logging_steps": 1}},
+    "dpo": {"trainer": {"num_train_epochs": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                        "eval_steps": 8, "save_steps": 2, "logging_steps": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A reduced copy of the project with everything up to `format` built."""
+    path = make_repo(tmp_path_factory.mktemp("resume") / "repo", RESUME)
+    dvc("repro", "format", cwd=path)
+    return path
+
+
+def losses(path: Path) -> dict[int, float]:
+    with path.open() as fh:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(fh)}
+
+
+def kill_after_first_checkpoint(repo: Path, stage: str, timeout: float = 600) -> int:
+    """Start `dvc repro stage`, SIGKILL its process group once a checkpoint is complete; that step."""
+    log = (repo / f"killed-{stage}.log").open("w")
+    proc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro", stage], cwd=repo, env=repo_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            done = sorted((repo / "checkpoints" / stage).glob("*/checkpoint-*/trainer_state.json"))
+            if done:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return json.loads(done[0].read_text())["global_step"]
+            if proc.poll() is not None:
+                raise AssertionError(f"{stage} ended before a checkpoint appeared:\n"
+                                     f"{(repo / f'killed-{stage}.log').read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"no {stage} checkpoint within {timeout}s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def check_resume(repo: Path, stage: str) -> None:
+    """A run killed mid-way then `dvc repro` again resumes; its loss curve matches an uninterrupted run's."""
+    report = repo / f"reports/{stage}.json"
+    curve = repo / f"reports/{stage}_loss.csv"
+    killed_at = kill_after_first_checkpoint(repo, stage)
+    assert killed_at > 0
+    assert not (repo / f"models/{stage}/tuneforge.json").exists()  # the killed run wrote no output
+
+    out = dvc("repro", stage, cwd=repo)
+    assert stages_run(out.stdout) == [stage], out.stdout
+    text = out.stdout + out.stderr
+    assert "resuming from" in text and f"checkpoint-{killed_at}" in text, text[-3000:]
+    if stage == "sft":  # dpo's report is owned by stages/dpo.py
+        assert json.loads(report.read_text())["resumed_from_step"] == killed_at
+    resumed = losses(curve)
+    assert "up to date" in dvc("status", stage, cwd=repo).stdout
+
+    shutil.rmtree(repo / "checkpoints" / stage, ignore_errors=True)  # (a finished sft run already did)
+    out = dvc("repro", "-f", "-s", stage, cwd=repo)  # uninterrupted, from scratch (-f: no run-cache)
+    assert "resuming from" not in out.stdout + out.stderr
+    reference = losses(curve)
+    assert len(reference) >= 8 and killed_at < max(reference)
+    assert resumed.keys() == reference.keys()
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-3, abs=1e-3), (step, resumed[step], loss)
+
+
+@pytest.mark.slow
+def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(repo):
+    check_resume(repo, "sft")
+    assert not any((repo / "checkpoints/sft").iterdir())  # a finished run leaves no checkpoints behind
+
+
+@pytest.mark.slow
+def test_dpo_killed_mid_run_resumes_from_its_last_checkpoint(repo):
+    check_resume(repo, "dpo")  # the killed `dvc repro dpo` first builds sft, merge and the rest upstream
