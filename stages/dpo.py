@@ -23,8 +23,11 @@ from stages.common.engine import device, load_for_training, resolve_engine, writ
 from stages.common.io import hash_dir, require, run_main, write_json
 from stages.common.training import (
     checkpoint_dir,
+    finish_run,
+    is_main_process,
     last_checkpoint,
     load_rows,
+    relaunch_distributed,
     run_key,
     summarize,
     write_loss_curve,
@@ -109,13 +112,15 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     runtime = time.perf_counter() - started
     final_eval = trainer.evaluate()
 
-    paths.dpo.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(paths.dpo)
-    tokenizer.save_pretrained(paths.dpo)
-    write_meta(paths.dpo, stage="dpo", base=str(reference), reference_sha256=reference_hash, engine=engine,
-               run_key=key)
     history = trainer.state.log_history
-    write_loss_curve(history, paths.reports / "dpo_loss.csv")
+    if trainer.is_world_process_zero():  # under `accelerate launch` only rank 0 writes
+        paths.dpo.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(paths.dpo)
+        tokenizer.save_pretrained(paths.dpo)
+        write_meta(paths.dpo, stage="dpo", base=str(reference), reference_sha256=reference_hash, engine=engine,
+                   run_key=key)
+        write_loss_curve(history, paths.reports / "dpo_loss.csv")
+    finish_run(out_dir)
     return {
         **summarize(history),
         "beta": cfg.beta,
@@ -133,8 +138,10 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
 
 def main() -> None:
     params = load_params()
+    relaunch_distributed("stages.dpo", params.train)  # train.num_processes > 1: N processes, then exit
     report = dpo(params.dpo, params.sft, params.model, params.paths)
-    write_json(params.paths.reports / "dpo.json", report)
+    if is_main_process():
+        write_json(params.paths.reports / "dpo.json", report)
     log.info("dpo done: %s", report)
 
 
