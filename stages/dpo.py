@@ -27,12 +27,14 @@ from stages.common.training import (
     is_main_process,
     last_checkpoint,
     load_rows,
+    mixed_precision,
+    precision,
     relaunch_distributed,
     run_key,
     summarize,
     write_loss_curve,
 )
-from stages.reference import dpo_spec, load_reference_logps, mixed_precision, precision
+from stages.reference import dpo_spec, load_reference_logps
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from stages.common.config import (
 )
 from stages.common.engine import TrainSpec, device, load_for_training
 from stages.common.io import InputError, hash_dir, read_json, require, run_main, write_json, write_jsonl
-from stages.common.training import file_digest, load_rows
+from stages.common.training import file_digest, load_rows, mixed_precision, precision
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,6 @@ def dpo_spec(paths: PathsConfig, dpo_cfg: DpoConfig, sft_cfg: SftConfig, model_c
         lora=dpo_cfg.lora, quantization=sft_cfg.quantization, partial=sft_cfg.partial,
         max_seq_length=model_cfg.max_seq_length, seed=model_cfg.seed,
     )
-
-
-def precision(trainer: dict[str, Any]) -> dict[str, bool]:
-    """bf16 / fp16 for trl.DPOConfig: as dpo.trainer says; on CPU fp32 unless it says otherwise (TRL would
-    default to bf16 autocast, which is slower there)."""
-    if device() == "cpu":
-        return {"bf16": bool(trainer.get("bf16", False)), "fp16": bool(trainer.get("fp16", False))}
-    return {k: trainer[k] for k in ("bf16", "fp16") if k in trainer}
-
-
-def mixed_precision(trainer: dict[str, Any]) -> str:
-    flags = precision(trainer)
-    fp16 = flags.get("fp16", False)
-    return "bf16" if flags.get("bf16", not fp16) else "fp16" if fp16 else "fp32"  # TRL: bf16 unless fp16
 
 
 def expected_meta(paths: PathsConfig, engine: str, max_length: int | None, mixed_precision: str,

@@ -27,6 +27,7 @@ from stages.common.training import (
     is_main_process,
     last_checkpoint,
     load_rows,
+    precision,
     relaunch_distributed,
     run_key,
     summarize,
@@ -73,7 +74,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
     train = Dataset.from_list(load_rows(train_file, columns))
     evaluation = Dataset.from_list(load_rows(eval_file, columns))
 
-    trainer_args = dict(cfg.trainer)
+    trainer_args = {**cfg.trainer, **precision(cfg.trainer)}  # fp32 on CPU unless sft.trainer says otherwise
     if trainer_args.get("packing"):
         ok, why = packing_allowed(model)
         if not ok:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import TrainConfig
+from stages.common.engine import device
 from stages.common.io import InputError, iter_jsonl, require
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,20 @@ def relaunch_distributed(module: str, cfg: TrainConfig) -> None:
     env = {**os.environ, LAUNCHED: "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
     raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def precision(trainer: dict[str, Any]) -> dict[str, bool]:
+    """bf16 / fp16 for TRL's SFTConfig / DPOConfig: as the trainer section says; on CPU fp32 unless it
+    says otherwise (TRL would default to bf16 autocast, which is slower and less precise there)."""
+    if device() == "cpu":
+        return {"bf16": bool(trainer.get("bf16", False)), "fp16": bool(trainer.get("fp16", False))}
+    return {k: trainer[k] for k in ("bf16", "fp16") if k in trainer}
+
+
+def mixed_precision(trainer: dict[str, Any]) -> str:
+    flags = precision(trainer)
+    fp16 = flags.get("fp16", False)
+    return "bf16" if flags.get("bf16", not fp16) else "fp16" if fp16 else "fp32"  # TRL: bf16 unless fp16
 
 
 def file_digest(*paths: Path) -> str:
