@@ -17,14 +17,13 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stages.common.config import Params, load_params
 from stages.common.io import InputError, read_jsonl, require, run_main, write_json, write_jsonl
-from stages.common.templates import install_template
+from stages.common.templates import load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -327,20 +326,11 @@ def format_data(
     return Formatted(splits, report)
 
 
-def load_base_tokenizer(path: Path, template_name: str) -> tuple[Any, str]:
-    """Tokenizer from models/base with `model.chat_template` applied (see templates.install_template)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(require(path, "base tokenizer")))
-    source = install_template(tokenizer, template_name)
-    log.info("chat template: %s", source)
-    return tokenizer, source
-
-
 def run(params: Params) -> Formatted:
     from transformers import AutoTokenizer
 
     tokenizer, template_source = load_base_tokenizer(params.paths.base, params.model.chat_template)
+    log.info("chat template: %s", template_source)
     with tempfile.TemporaryDirectory() as tmp:  # the round trip the training stages will do
         tokenizer.save_pretrained(tmp)
         saved = AutoTokenizer.from_pretrained(tmp)

@@ -25,7 +25,7 @@ import numpy as np
 
 from stages.common.config import DataSource, Params, ValidateConfig, load_params
 from stages.common.io import InputError, run_main, write_json, write_jsonl
-from stages.common.templates import TEMPLATES, install_template
+from stages.common.templates import TEMPLATES, load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -962,15 +962,6 @@ def token_counter(tokenizer: Any, limit: int | None = None) -> TokenCounter:
     return count
 
 
-def load_tokenizer(path: Path, template_name: str) -> Any:
-    """The target tokenizer from models/base with `model.chat_template` applied."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    install_template(tokenizer, template_name)
-    return tokenizer
-
-
 def sources(params: Params) -> list[DataSource]:
     raw = params.paths.raw
     generated = [
@@ -994,7 +985,7 @@ def run(params: Params) -> ValidationResult:
         fmt, part = read_source(src.path, src.kind, src.format)
         formats[str(src.path)] = fmt
         rows += part
-    tokenizer = load_tokenizer(params.paths.base, params.model.chat_template)
+    tokenizer, _ = load_base_tokenizer(params.paths.base, params.model.chat_template)
     result = validate(
         rows,
         cfg,

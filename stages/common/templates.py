@@ -126,3 +126,13 @@ def install_template(tokenizer, choice: str) -> str:
         choice = LLAMA3.name
     tokenizer.chat_template = get_template(choice).jinja
     return choice
+
+
+def load_base_tokenizer(path, choice: str):
+    """(tokenizer, template source): the tokenizer in `path` (models/base) with `model.chat_template` applied."""
+    from transformers import AutoTokenizer
+
+    from stages.common.io import require
+
+    tokenizer = AutoTokenizer.from_pretrained(str(require(path, "base tokenizer")))
+    return tokenizer, install_template(tokenizer, choice)
