@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# SFT benchmark on a CUDA machine: the `sft` stage with both engines (unsloth, transformers) vs a plain TRL
-# script, packing on/off, and peak memory by method, on the tiny model; prints one table per part.
+# Benchmarks on a CUDA machine, on the tiny model: evaluation log-probs batched vs one at a time
+# (bench/evaluate.py, goal >= 4x), then the `sft` stage with both engines (unsloth, transformers) vs a plain
+# TRL script, packing on/off, and peak memory by method; prints one table per part.
 #
 # Run from the repository root on a machine with a CUDA GPU and the project installed (.venv or the
 # current python):   bash bench/gpu.sh [extra bench/train.py arguments, e.g. --size medium]
@@ -28,6 +29,8 @@ try:
 except Exception as err:  # the transformers rows still run
     print(f"unsloth unavailable: {err}")
 EOF
+
+"$PY" -m bench.evaluate --device cuda --repeats 5
 
 WORKSPACE=${WORKSPACE:-${TMPDIR:-/tmp}/tuneforge-bench-gpu}
 exec "$PY" bench/train.py --workspace "$WORKSPACE" --engines unsloth,transformers \

@@ -34,7 +34,7 @@ import torch
 
 from stages.common.config import EvaluateConfig, GatesConfig, Params, load_params
 from stages.common.io import InputError, iter_jsonl, require, run_main, write_json
-from stages.common.logprobs import LogprobResult, Perplexity, perplexity, response_logprobs
+from stages.common.logprobs import LogprobResult, Perplexity, pair_logprobs, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,13 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvaluateCo
 
 def run_model(model: Any, tokenizer: Any, pairs: Sequence[Pair], sft_rows: Sequence[SftRow],
               prompts: Sequence[str], cfg: EvaluateConfig) -> ModelRun:
-    prompt_texts = [p.prompt for p in pairs]
     bs = cfg.batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    chosen, rejected = pair_logprobs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                     [p.rejected for p in pairs], batch_size=bs)
     return ModelRun(
-        chosen=response_logprobs(model, tokenizer, prompt_texts, [p.chosen for p in pairs], batch_size=bs),
-        rejected=response_logprobs(model, tokenizer, prompt_texts, [p.rejected for p in pairs], batch_size=bs),
+        chosen=chosen,
+        rejected=rejected,
         ppl=perplexity(model, [(r.input_ids, r.assistant_masks) for r in sft_rows], batch_size=bs,
                        pad_token_id=pad),
         generations=generate(model, tokenizer, prompts, cfg) if prompts else [],

@@ -1,22 +1,32 @@
 """Padding-correct, batched log-probabilities of responses given prompts, and perplexity.
 
-`response_logprobs` is what evaluation uses: it tokenizes prompt and prompt+response with the model's own
-tokenizer (no added special tokens: a rendered prompt already starts with BOS), checks that the prompt
-tokens are an exact prefix of the full sequence, and sums fp32 log-probs over the response tokens only, in
-eval mode without gradients. Sequences are sorted by length and padded per batch, with position ids taken
-from the attention mask, so batch size and padding side do not change the result; nothing is ever
-truncated, so tokenizer truncation settings do not either. `reference_response_logprobs` is the slow
-one-example-at-a-time, unpadded version that the tests compare against.
+Everything tokenizes prompt and prompt+response with the model's own tokenizer (no added special tokens: a
+rendered prompt already starts with BOS), checks that the prompt tokens are an exact prefix of the full
+sequence, and sums fp32 log-probs over the response tokens only, in eval mode without autograd. Nothing is
+ever truncated, so tokenizer truncation settings change nothing; position ids follow each sequence's true
+length, so batch size and padding side change nothing either.
+
+- `pair_logprobs` is what evaluation uses: chosen and rejected answers of a preference pair continue from
+  one KV cache of their shared prompt, so each prompt runs once instead of twice.
+- `response_logprobs` / `masked_logprobs` score one response per sequence (perplexity uses them).
+- Both run the LM head only from the position before the first scored token on (`logits_to_keep`).
+- `reference_response_logprobs` is the slow one-example-at-a-time, unpadded version that the tests and
+  `bench/evaluate.py` compare against.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PaddingSide = Literal["left", "right"]
 
@@ -75,15 +85,34 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
     return out
 
 
-def _scored_sums(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over positions with mask=1 of log p(token_t | tokens_<t), in fp32; one value per row."""
-    target = input_ids[:, 1:]
-    scored = mask[:, 1:].bool()
-    rows = scored.nonzero(as_tuple=True)[0]
-    # log_softmax only at scored positions: (n_scored, vocab) rather than (batch, length, vocab) in fp32
-    picked = logits[:, :-1][scored].float().log_softmax(dim=-1)
-    token_lp = picked.gather(-1, target[scored].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(input_ids.size(0), dtype=torch.float32, device=logits.device).index_add_(0, rows, token_lp)
+def _logits(model: Any, ids: torch.Tensor, keep: int, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Logits of the last `keep` positions (the LM head never runs on context-only positions) and the output.
+
+    `logits_to_keep` is transformers' own argument; a model that ignores it returns every position, which is
+    sliced here instead, so the result is the same either way."""
+    out = model(input_ids=ids, logits_to_keep=keep, **kwargs)
+    return out.logits[:, -keep:], out
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under each row of `logits` (n, vocab), with the log-softmax in fp32."""
+    return logits.float().log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _row_sums(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
+    return torch.zeros(n_rows, dtype=torch.float32, device=values.device).index_add_(0, rows, values).tolist()
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode without autograd for the block; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def masked_logprobs(
@@ -100,31 +129,34 @@ def masked_logprobs(
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
     logps = [0.0] * len(sequences)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(sequences[i].input_ids) for i in idx)
-                ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-                attn = torch.zeros((len(idx), width), dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    seq = sequences[i]
-                    n = len(seq.input_ids)
-                    cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
-                    ids[row, cols] = torch.tensor(seq.input_ids)
-                    attn[row, cols] = 1
-                    mask[row, cols] = torch.tensor(seq.mask)
-                position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
-                ids, attn, mask, position_ids = (t.to(device) for t in (ids, attn, mask, position_ids))
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False).logits
-                sums = _scored_sums(logits, ids, mask * attn).tolist()
-                for row, i in enumerate(idx):
-                    logps[i] = sums[row]
-    finally:
-        model.train(was_training)
+    with _eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(sequences[i].input_ids) for i in idx)
+            ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            attn = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.bool)
+            for row, i in enumerate(idx):
+                seq = sequences[i]
+                n = len(seq.input_ids)
+                cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
+                ids[row, cols] = torch.tensor(seq.input_ids)
+                attn[row, cols] = 1
+                mask[row, cols] = torch.tensor(seq.mask, dtype=torch.bool)
+            mask[:, 0] = False  # nothing predicts the first token
+            if not mask.any():
+                continue
+            # logits only from the position before the first scored token on: prompts cost no LM head
+            first = int(mask.any(dim=0).nonzero()[0])
+            keep = width - first + 1
+            position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+            ids, attn, mask, position_ids = (t.to(device) for t in (ids, attn, mask, position_ids))
+            logits, _ = _logits(model, ids, keep, attention_mask=attn, position_ids=position_ids, use_cache=False)
+            scored = mask[:, first:]
+            token_lp = _token_logps(logits[:, :-1][scored], ids[:, first:][scored])
+            sums = _row_sums(token_lp, scored.nonzero(as_tuple=True)[0], len(idx))
+            for row, i in enumerate(idx):
+                logps[i] = sums[row]
     n_tokens = [sum(s.mask[1:]) for s in sequences]
     return LogprobResult(logps, n_tokens)
 
@@ -139,11 +171,116 @@ def response_logprobs(
     padding_side: PaddingSide = "right",
 ) -> LogprobResult:
     """Summed log P(response | prompt) over response tokens, per example (batched)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return masked_logprobs(
         model, encode_pairs(tokenizer, prompts, responses), batch_size=batch_size, padding_side=padding_side,
-        pad_token_id=pad,
+        pad_token_id=_pad_id(tokenizer),
     )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _continue(model: Any, cache: Any, p_attn: torch.Tensor, n_prompt: Sequence[int],
+              answers: Sequence[Sequence[int]], pad: int) -> list[float]:
+    """Summed log-probs of answer tokens 1.. continuing each row's cached, left-padded prompt."""
+    width = max(map(len, answers)) - 1  # the last answer token is never an input
+    if width == 0:
+        return [0.0] * len(answers)
+    ids = torch.full((len(answers), width), pad, dtype=torch.long)
+    targets = torch.full((len(answers), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(answers), width), dtype=torch.long)
+    for row, a in enumerate(answers):
+        ids[row, : len(a) - 1] = torch.tensor(a[:-1])
+        targets[row, : len(a) - 1] = torch.tensor(a[1:])
+        attn[row, : len(a) - 1] = 1
+    position_ids = torch.tensor(n_prompt)[:, None] + torch.arange(width)  # carry on from each true length
+    ids, targets, attn, position_ids = (t.to(p_attn.device) for t in (ids, targets, attn, position_ids))
+    logits, _ = _logits(model, ids, width, attention_mask=torch.cat([p_attn, attn], dim=1),
+                        position_ids=position_ids, past_key_values=cache, use_cache=True)
+    scored = attn.bool()
+    return _row_sums(_token_logps(logits[scored], targets[scored]), scored.nonzero(as_tuple=True)[0], len(answers))
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all sequences share."""
+    for k in range(min(map(len, seqs))):
+        if any(s[k] != seqs[0][k] for s in seqs):
+            return k
+    return min(map(len, seqs))
+
+
+def pair_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> tuple[LogprobResult, LogprobResult]:
+    """Summed log P(chosen | prompt) and log P(rejected | prompt) per pair, computing each prompt once.
+
+    Prefix caching, in three steps, all with the model's own KV cache:
+    1. The token prefix every prompt shares (BOS, the chat header and, in a persona data set, the whole system
+       prompt) runs once for the call.
+    2. Per batch, each prompt's remaining tokens continue from a copy of that cache, left-padded so every
+       prompt ends in the last column; the last position's logits score each answer's first token.
+    3. The chosen answers continue from the batch's cache and the rejected ones from a copy of it, each
+       right-padded to its own width, with position ids carrying on from each prompt's true length.
+    Same numbers as `response_logprobs` on each side (tests), with every prompt token computed once per call
+    instead of twice per pair.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    enc = {"chosen": encode_pairs(tokenizer, prompts, chosen), "rejected": encode_pairs(tokenizer, prompts, rejected)}
+    n_prompt = [e.mask.index(1) for e in enc["chosen"]]
+    if 0 in n_prompt:
+        raise ValueError(f"example {n_prompt.index(0)}: the prompt has no tokens (nothing to condition on)")
+    prompt_ids = [e.input_ids[:p] for e, p in zip(enc["chosen"], n_prompt, strict=True)]
+    answers = {side: [e.input_ids[p:] for e, p in zip(es, n_prompt, strict=True)] for side, es in enc.items()}
+    # every prompt keeps at least its last token out of the shared prefix: its logits score the answer's first
+    shared = min(common_prefix(prompt_ids), min(n_prompt) - 1)
+    logps: dict[str, list[float]] = {side: [0.0] * len(n_prompt) for side in enc}
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    order = sorted(range(len(n_prompt)), key=lambda i: -(len(answers["chosen"][i]) + len(answers["rejected"][i])))
+    with _eval_mode(model):
+        probe = model(input_ids=torch.tensor([prompt_ids[0][: max(shared, 1)]], device=device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        if not hasattr(probe, "batch_repeat_interleave"):  # no transformers KV cache (e.g. a custom model)
+            log.info("pair_logprobs: %s returns no reusable KV cache; scoring chosen and rejected separately",
+                     type(model).__name__)
+            return tuple(  # type: ignore[return-value]
+                masked_logprobs(model, enc[side], batch_size=batch_size, pad_token_id=pad) for side in enc
+            )
+        prefix = probe if shared else None
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(n_prompt[i] for i in idx) - shared
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(idx), shared + width), dtype=torch.long)
+            attn[:, :shared] = 1
+            for row, i in enumerate(idx):
+                own = n_prompt[i] - shared
+                ids[row, width - own :] = torch.tensor(prompt_ids[i][shared:])
+                attn[row, shared + width - own :] = 1
+            position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]
+            ids, attn, position_ids = (t.to(device) for t in (ids, attn, position_ids))
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(idx))
+            last, out = _logits(model, ids, 1, attention_mask=attn, position_ids=position_ids,
+                                past_key_values=cache, use_cache=True)
+            caches = {"chosen": out.past_key_values, "rejected": copy.deepcopy(out.past_key_values)}
+            for side, side_cache in caches.items():
+                rows = [answers[side][i] for i in idx]
+                first = _token_logps(last[:, -1], torch.tensor([a[0] for a in rows], device=device)).tolist()
+                rest = _continue(model, side_cache, attn, [n_prompt[i] for i in idx], rows, pad)
+                for k, i in enumerate(idx):
+                    logps[side][i] = first[k] + rest[k]
+    return tuple(LogprobResult(logps[side], [sum(e.mask) for e in enc[side]]) for side in enc)  # type: ignore[return-value]
 
 
 def reference_response_logprobs(

@@ -14,6 +14,7 @@ from stages.common.logprobs import (
     PrefixMismatchError,
     encode_pairs,
     masked_logprobs,
+    pair_logprobs,
     perplexity,
     reference_response_logprobs,
     response_logprobs,
@@ -132,3 +133,118 @@ def test_first_token_is_never_scored(model, tok):
     ids = tok("hello world", add_special_tokens=False)["input_ids"]
     all_on = masked_logprobs(model, [Encoded(ids, [1] * len(ids))])
     assert all_on.n_tokens == [len(ids) - 1]
+
+
+def _rejected(tok):
+    return [a + "<|eot_id|>" for a in reversed(ANSWERS)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 16])
+def test_pair_logprobs_match_reference_on_both_sides(model, tok, batch_size):
+    prompts, chosen = _data(tok)
+    rejected = _rejected(tok)
+    got_c, got_r = pair_logprobs(model, tok, prompts, chosen, rejected, batch_size=batch_size)
+    for got, responses in ((got_c, chosen), (got_r, rejected)):
+        ref = reference_response_logprobs(model, tok, prompts, responses)
+        assert got.n_tokens == ref.n_tokens
+        assert got.logps == pytest.approx(ref.logps, abs=1e-4)
+    # prompts of different lengths share a batch, so the left-padded prompt cache and the carried-on
+    # position ids are exercised; a one-token answer ("Incentives." is not) would skip the continuation
+    assert len({len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts}) > 1
+
+
+def test_pair_logprobs_one_token_answers_and_eval_mode(model, tok):
+    prompts, _ = _data(tok)
+    one = ["<|eot_id|>"] * len(prompts)  # scored from the prompt pass alone
+    chosen = [a + "<|eot_id|>" for a in ANSWERS]
+    model.train()
+    try:
+        got_c, got_r = pair_logprobs(model, tok, prompts, chosen, one, batch_size=2)
+        assert model.training
+    finally:
+        model.eval()
+    assert got_r.n_tokens == [1] * len(prompts)
+    assert got_r.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, one).logps, abs=1e-5)
+    assert got_c.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, chosen).logps, abs=1e-4)
+
+
+def test_pair_logprobs_rejects_an_empty_prompt(model, tok):
+    with pytest.raises(ValueError, match="example 0: the prompt has no tokens"):
+        pair_logprobs(model, tok, [""], ["State the decision."], ["Hi"])
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM that ignores `logits_to_keep` and always returns every position's logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, logits_to_keep=None, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_models_that_return_every_position_score_the_same(model, tok):
+    prompts, chosen = _data(tok)
+    rejected = _rejected(tok)
+    plain = _NoLogitsToKeep(model)
+    assert plain(input_ids=torch.tensor([[1, 2, 3]]), logits_to_keep=1).logits.shape[1] == 3
+    want = reference_response_logprobs(model, tok, prompts, chosen).logps
+    assert response_logprobs(plain, tok, prompts, chosen, batch_size=2).logps == pytest.approx(want, abs=1e-4)
+    assert pair_logprobs(plain, tok, prompts, chosen, rejected, batch_size=2)[0].logps == pytest.approx(want, abs=1e-4)
+
+
+class _NoCache(torch.nn.Module):
+    """A causal LM that never returns a KV cache (as a custom or non-transformers model may not)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, use_cache=None, past_key_values=None, **kwargs):
+        assert past_key_values is None, "a model without a cache was handed one"
+        out = self.inner(use_cache=False, **kwargs)
+        out.past_key_values = None
+        return out
+
+
+def test_models_without_a_kv_cache_fall_back_to_separate_scoring(model, tok, caplog):
+    prompts, chosen = _data(tok)
+    rejected = _rejected(tok)
+    with caplog.at_level("INFO", logger="stages.common.logprobs"):
+        got_c, got_r = pair_logprobs(_NoCache(model), tok, prompts, chosen, rejected, batch_size=2)
+    assert "no reusable KV cache" in caplog.text
+    assert got_c.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, chosen).logps, abs=1e-4)
+    assert got_r.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, rejected).logps, abs=1e-4)
+    assert got_r.n_tokens == reference_response_logprobs(model, tok, prompts, rejected).n_tokens
+
+
+class _Counting(torch.nn.Module):
+    """Counts the non-pad input tokens a model is run on."""
+
+    def __init__(self, inner, pad):
+        super().__init__()
+        self.inner, self.pad, self.calls = inner, pad, []
+
+    def forward(self, input_ids, **kwargs):
+        self.calls.append(int((input_ids != self.pad).sum()))
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_pair_logprobs_runs_each_prompt_token_once(model, tok):
+    prompts, chosen = _data(tok)
+    rejected = _rejected(tok)
+    ids = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
+    p = ids(prompts)
+    c = ids([a + b for a, b in zip(prompts, chosen, strict=True)])
+    r = ids([a + b for a, b in zip(prompts, rejected, strict=True)])
+    shared = min(len(x) for x in p)
+    while any(x[:shared] != p[0][:shared] for x in p):
+        shared -= 1
+    assert shared >= 4  # BOS and the chat header are common to every prompt
+    counting = _Counting(model, tok.pad_token_id)
+    pair_logprobs(counting, tok, prompts, chosen, rejected, batch_size=2)
+    assert counting.calls[0] == shared  # the shared prefix, once for the call
+    # every other prompt token once; every answer token but the last once
+    want = shared + sum(len(x) - shared for x in p) + sum(len(x) - len(q) - 1 for x, q in zip(c + r, p + p, strict=True))
+    assert sum(counting.calls) == want
