@@ -32,6 +32,7 @@ from stages.common.training import (
     relaunch_distributed,
     run_key,
     summarize,
+    trl_text_rows,
     write_loss_curve,
 )
 from stages.reference import dpo_spec, load_reference_logps
@@ -82,8 +83,8 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
-    train = Dataset.from_list(train_rows)
-    evaluation = Dataset.from_list(eval_rows)
+    train = Dataset.from_list(trl_text_rows(tokenizer, train_rows))
+    evaluation = Dataset.from_list(trl_text_rows(tokenizer, eval_rows))
     key = run_key([train_file, eval_file, *ref_inputs],
                   {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "reference": reference_hash,
                    "engine": engine, "reference_mode": reference_mode})

@@ -29,7 +29,7 @@ from stages.common.config import (
 )
 from stages.common.engine import TrainSpec, device, load_for_training
 from stages.common.io import InputError, hash_dir, read_json, require, run_main, write_json, write_jsonl
-from stages.common.training import file_digest, load_rows, mixed_precision, precision
+from stages.common.training import file_digest, load_rows, mixed_precision, precision, trl_text_rows
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ def reference(cfg: ReferenceConfig, paths: PathsConfig, dpo_cfg: DpoConfig, sft_
                             precompute_ref_batch_size=cfg.batch_size, report_to=[], use_cpu=device() == "cpu",
                             seed=model_cfg.seed, **precision(dpo_cfg.trainer))
         # the trainer tokenises, truncates and runs the reference (its policy with the adapter disabled) here
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows["dpo_train"]),
-                             eval_dataset=Dataset.from_list(rows["dpo_eval"]), processing_class=tokenizer)
+        trainer = DPOTrainer(model=model, args=args,
+                             train_dataset=Dataset.from_list(trl_text_rows(tokenizer, rows["dpo_train"])),
+                             eval_dataset=Dataset.from_list(trl_text_rows(tokenizer, rows["dpo_eval"])),
+                             processing_class=tokenizer)
         meta = {**expected_meta(paths, engine, model_cfg.max_seq_length, mixed_precision(dpo_cfg.trainer)),
                 "reference": str(paths.sft_merged), "pairs": {},
                 "dtype": str(next(model.get_base_model().parameters()).dtype).removeprefix("torch.")}

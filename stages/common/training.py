@@ -161,6 +161,26 @@ def load_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, Any]]:
     return rows
 
 
+def trl_text_rows(tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rendered DPO rows as TRL's DPOTrainer must receive them to see the tokens `format` checked.
+
+    TRL tokenizes a plain-text prompt with the tokenizer's default special tokens. A tokenizer that adds BOS
+    by itself (Llama 3's does) would put a second BOS before a rendered prompt, which already starts with
+    one, while SFT and evaluation see one. For such a tokenizer the rendered BOS is left to the tokenizer.
+    """
+    bos = tokenizer.bos_token
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    auto = tokenizer("a")["input_ids"]
+    if not bos or auto[:1] != [tokenizer.bos_token_id] or auto[1 : 1 + len(plain)] != plain:
+        return rows
+    out = [{**r, "prompt": r["prompt"].removeprefix(bos)} for r in rows]
+    for before, after in zip(rows[:3], out[:3], strict=True):  # the same tokens, checked, not assumed
+        if tokenizer(after["prompt"])["input_ids"] != tokenizer(before["prompt"], add_special_tokens=False)["input_ids"]:
+            raise ValueError(f"DPO row {before.get('id', '?')}: the prompt does not tokenize the same with the "
+                             "tokenizer's own BOS as with the rendered one; check the chat template")
+    return out
+
+
 def write_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     """step,loss[,eval_loss] rows from the trainer's log history, for `dvc plots`."""
     path.parent.mkdir(parents=True, exist_ok=True)

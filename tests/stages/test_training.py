@@ -7,6 +7,7 @@ from that checkpoint and that the loss curve matches an uninterrupted run's.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -217,3 +218,60 @@ def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(repo):
 @pytest.mark.slow
 def test_dpo_killed_mid_run_resumes_from_its_last_checkpoint(repo):
     check_resume(repo, "dpo")  # the killed `dvc repro dpo` first builds sft, merge and the rest upstream
+
+
+def _bos_adding(tok):
+    """The tiny tokenizer made to add BOS by itself, as Llama 3's tokenizer does."""
+    from tokenizers import processors
+
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    assert tok("a")["input_ids"][:1] == [bos] and tok("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    return tok
+
+
+def _dpo_rows(tok):
+    from stages.format import render_dpo
+
+    rows = [{"id": f"p{i}", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}],
+             "chosen": a, "rejected": "Great question! " + a} for i, (q, a) in
+            enumerate([("Should I quit?", "State the cost."), ("What is failure?", "Failure is data.")])]
+    return [render_dpo(tok, r, "<|eot_id|>") for r in rows]
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_trl_dpo_sees_the_tokens_format_checked(adds_bos, tmp_path):
+    """TRL's DPOTrainer tokenizes the rows to exactly the ids `format` and `evaluate` use: one BOS, whether or
+    not the tokenizer adds BOS by itself."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from stages.base import build_tokenizer
+    from stages.common.templates import LLAMA3
+    from stages.common.training import trl_text_rows
+
+    tok = build_tokenizer(["State the cost. Failure is data. Great question!"] * 20, 300, LLAMA3)
+    if adds_bos:
+        tok = _bos_adding(tok)
+    rows = _dpo_rows(tok)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None)
+    ref = copy.deepcopy(model)  # a reference model object, so TRL does not look for one on the hub
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list(trl_text_rows(tok, rows)))
+    for row, seen in zip(rows, trainer.train_dataset, strict=True):
+        want = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert seen["prompt_ids"] == want
+        assert seen["prompt_ids"][:2].count(tok.bos_token_id) == 1
+        full = tok(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"]
+        assert seen["prompt_ids"] + seen["chosen_ids"] == full
+    if adds_bos:  # without the hand-off, TRL would have put two BOS tokens in front of every prompt
+        plain = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
+                           train_dataset=Dataset.from_list(rows))
+        assert plain.train_dataset[0]["prompt_ids"][:2] == [tok.bos_token_id] * 2
