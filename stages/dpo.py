@@ -132,6 +132,7 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         "reference_sha256": reference_hash,
         "reference_logps": "stored in " + str(paths.reference) if reference_mode == "stored" else reference_mode,
         "train_pairs": len(train),
+        "processes": trainer.args.world_size,
         "eval_rewards_margins": final_eval.get("eval_rewards/margins"),
         "eval_rewards_accuracies": final_eval.get("eval_rewards/accuracies"),
         "runtime_s": round(runtime, 2),
@@ -145,7 +146,7 @@ def main() -> None:
     report = dpo(params.dpo, params.sft, params.model, params.paths)
     if is_main_process():
         write_json(params.paths.reports / "dpo.json", report)
-    log.info("dpo done: %s", report)
+        log.info("dpo done: %s", report)
 
 
 if __name__ == "__main__":

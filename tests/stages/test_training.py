@@ -131,6 +131,24 @@ def test_sft_with_two_processes_under_accelerate_launch(tiny, tmp_path):
     assert loaded["finite"] and loaded["lora_tensors"] > 0
 
 
+@pytest.mark.slow
+def test_dpo_with_two_processes_under_accelerate_launch(tiny, tmp_path):
+    """DPO on stored reference log-probs under DDP: each process gets its share of the pairs with their stored
+    log-probs; rank 0 alone writes the adapter and the report."""
+    ws = workspace(tiny, tmp_path, {"train": {"num_processes": 2}, "dpo": {"trainer": {
+        "num_train_epochs": 1, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}}})
+    shutil.copytree(ws / "models/base", ws / "models/sft-merged")  # the tiny base stands in for SFT-merged
+    run_stage("stages.reference", ws)
+    out = run_stage("stages.dpo", ws).stdout
+    assert "accelerate.commands.launch --num_processes 2" in out
+    report = json.loads((ws / "reports/dpo.json").read_text())
+    assert report["processes"] == 2
+    assert report["train_pairs"] == 24 and report["steps"] == 6  # 24 pairs / (batch 2 x 2 processes)
+    assert report["reference_logps"].startswith("stored")
+    assert out.count("dpo done") == 1  # only rank 0 reports
+    assert (ws / "models/dpo/adapter_config.json").exists()
+
+
 # --- real kills under DVC -------------------------------------------------------------------------------
 
 RESUME = {
