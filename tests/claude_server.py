@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import threading
 import time
@@ -27,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+TEST_KEY = "sk-ant-test-" + secrets.token_hex(12)  # made at run time: no file holds it
 
 HTTP_FAULTS = {"429", "529", "500", "drop", "slow", "401", "spend"}
 CONTENT_FAULTS = {"malformed", "max_tokens", "refusal"}

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny training workspace (tests/tiny.py) built once per session."""
+"""Shared fixtures: the tiny training workspace (tests/tiny.py) built once per session, and the local Claude
+API server (tests/claude_server.py) with the SDK pointed at it."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ def tiny(tmp_path_factory) -> Path:
     from tests.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def claude_server(monkeypatch: pytest.MonkeyPatch):
+    """A running tests/claude_server.py; ANTHROPIC_BASE_URL points at it, ANTHROPIC_API_KEY is TEST_KEY."""
+    from tests.claude_server import TEST_KEY, ClaudeServer
+
+    with ClaudeServer() as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
+        yield server

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import secrets
 import subprocess
 import sys
 import time
@@ -17,20 +16,18 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from claude_server import ClaudeServer  # noqa: E402
-
-from stages.common.claude import (  # noqa: E402
+from stages.common.claude import (
     ClaudeClient,
     ClaudeFatalError,
     ClaudeRequest,
     RequestCache,
     Tool,
 )
-from stages.common.config import AnthropicConfig, BatchPollConfig  # noqa: E402
+from stages.common.config import AnthropicConfig, BatchPollConfig
+from tests.claude_server import TEST_KEY as KEY
+from tests.claude_server import ClaudeServer
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY = "sk-ant-test-" + secrets.token_hex(12)  # made at run time: no file holds it
 TOOL = Tool("record_answer", "Record the answer.", {
     "type": "object", "properties": {"answer": {"type": "string", "minLength": 1}},
     "required": ["answer"], "additionalProperties": False})
@@ -61,14 +58,6 @@ def requests(client: ClaudeClient, n: int, prefix: str = "Question") -> list[Cla
                            "t@1", tag=f"q{i}") for i in range(n)]
 
 
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch):
-    with ClaudeServer() as s:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-        yield s
-
-
 def run(cache: Path, n: int, **kw: object) -> tuple[ClaudeClient, dict]:
     client = ClaudeClient(cfg(**kw), cache, progress=False)
     try:
@@ -88,47 +77,47 @@ def test_key_covers_every_input_but_not_the_tag() -> None:
         assert ClaudeRequest(**{**base, **change}).key != key, change
 
 
-def test_answers_are_cached_and_not_paid_again(server: ClaudeServer, tmp_path: Path) -> None:
+def test_answers_are_cached_and_not_paid_again(claude_server: ClaudeServer, tmp_path: Path) -> None:
     client, results = run(tmp_path, 8)
-    assert [r.ok for r in results.values()] == [True] * 8 and server.answered == 8
+    assert [r.ok for r in results.values()] == [True] * 8 and claude_server.answered == 8
     assert client.report()["requests_sent"] == 8 and client.report()["tokens"]["cache_read"] > 0
     client, results = run(tmp_path, 8)
     assert all(r.ok and r.cached for r in results.values())
-    assert server.answered == 8 and client.report()["cache_hits"] == 8 and client.report()["requests_sent"] == 0
+    assert claude_server.answered == 8 and client.report()["cache_hits"] == 8 and client.report()["requests_sent"] == 0
 
 
 @pytest.mark.parametrize("fault", ["429", "529", "500", "drop", "slow"])
-def test_transient_faults_give_exact_counts_without_paying_twice(server: ClaudeServer, tmp_path: Path,
+def test_transient_faults_give_exact_counts_without_paying_twice(claude_server: ClaudeServer, tmp_path: Path,
                                                                    fault: str) -> None:
     times = 1 if fault == "slow" else 3
-    server.slow_s = 1.5
-    server.inject(fault, times=times, after=2)
+    claude_server.slow_s = 1.5
+    claude_server.inject(fault, times=times, after=2)
     client, results = run(tmp_path, 10, timeout=0.75)
     assert len(results) == 10 and all(r.ok for r in results.values())
-    assert server.repeated_paid() == 0
-    assert server.answered == 10  # a slow answer the client gave up on is not delivered, so not counted
+    assert claude_server.repeated_paid() == 0
+    assert claude_server.answered == 10  # a slow answer the client gave up on is not delivered, so not counted
     assert client.report()["retries"] >= times and client.report()["failed"] == 0
 
 
-def test_invalid_tool_input_is_reasked_once_then_recorded(server: ClaudeServer, tmp_path: Path) -> None:
-    server.inject("malformed", times=1)
+def test_invalid_tool_input_is_reasked_once_then_recorded(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.inject("malformed", times=1)
     client, results = run(tmp_path, 4, concurrency=1)
     assert all(r.ok for r in results.values()) and client.report()["reasks"] == 1
 
-    server.inject("malformed", times=2, match="Other 0:")  # the question and its re-ask
+    claude_server.inject("malformed", times=2, match="Other 0:")  # the question and its re-ask
     client = ClaudeClient(cfg(concurrency=1), tmp_path, progress=False)
     result = client.run(requests(client, 1, prefix="Other"))
     (only,) = result.values()
     assert not only.ok and only.failure == "invalid_output" and "unexpected" in only.raw
     assert client.report()["failures"] == {"invalid_output": 1} and client.report()["reasks"] == 1
-    before = server.arrivals
+    before = claude_server.arrivals
     client.run(requests(client, 1, prefix="Other"))  # a paid failure is cached, not paid for again
-    assert server.arrivals == before
+    assert claude_server.arrivals == before
 
 
-def test_truncation_and_refusal_are_recorded_not_kept(server: ClaudeServer, tmp_path: Path) -> None:
-    server.inject("max_tokens", match="Question 1:")
-    server.inject("refusal", match="Question 2:")
+def test_truncation_and_refusal_are_recorded_not_kept(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.inject("max_tokens", match="Question 1:")
+    claude_server.inject("refusal", match="Question 2:")
     client, results = run(tmp_path, 5)
     by_tag = {r.request.tag: r for r in results.values()}
     assert by_tag["q1"].failure == "max_tokens" and by_tag["q1"].data is None and by_tag["q1"].raw
@@ -137,44 +126,44 @@ def test_truncation_and_refusal_are_recorded_not_kept(server: ClaudeServer, tmp_
     assert sum(r.ok for r in results.values()) == 3
 
 
-def test_401_stops_at_once_and_keeps_what_was_answered(server: ClaudeServer, tmp_path: Path) -> None:
-    server.latency = 0.01
-    server.inject("401", times=None, after=6)
+def test_401_stops_at_once_and_keeps_what_was_answered(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.latency = 0.01
+    claude_server.inject("401", times=None, after=6)
     with pytest.raises(ClaudeFatalError, match="401.*ANTHROPIC_API_KEY"):
         run(tmp_path, 40, concurrency=2)
-    assert server.status_counts[401] <= 2  # in flight when it hit; none sent after, none retried
+    assert claude_server.status_counts[401] <= 2  # in flight when it hit; none sent after, none retried
     kept = len(RequestCache(tmp_path))
-    assert kept == server.answered == 6
-    server.clear()
+    assert kept == claude_server.answered == 6
+    claude_server.clear()
     client, results = run(tmp_path, 40, concurrency=2)
     assert all(r.ok for r in results.values()) and client.report()["cache_hits"] == 6
-    assert server.answered == 40 and server.repeated_paid() == 0
+    assert claude_server.answered == 40 and claude_server.repeated_paid() == 0
 
 
-def test_spend_limit_429_is_fatal_without_retrying(server: ClaudeServer, tmp_path: Path) -> None:
-    server.inject("spend", times=None, after=3)
+def test_spend_limit_429_is_fatal_without_retrying(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.inject("spend", times=None, after=3)
     start = time.monotonic()
     with pytest.raises(ClaudeFatalError, match="usage limits"):
         run(tmp_path, 30, concurrency=1)
-    assert time.monotonic() - start < 5 and server.status_counts[429] == 1 and server.answered == 3
+    assert time.monotonic() - start < 5 and claude_server.status_counts[429] == 1 and claude_server.answered == 3
 
 
-def test_missing_key_is_an_error_before_any_request(server: ClaudeServer, tmp_path: Path,
+def test_missing_key_is_an_error_before_any_request(claude_server: ClaudeServer, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
     with pytest.raises(ClaudeFatalError, match="ANTHROPIC_API_KEY is not set"):
         run(tmp_path, 2)
-    assert server.arrivals == 0
+    assert claude_server.arrivals == 0
 
 
-def test_requests_per_minute_limit_is_honoured(server: ClaudeServer, tmp_path: Path) -> None:
+def test_requests_per_minute_limit_is_honoured(claude_server: ClaudeServer, tmp_path: Path) -> None:
     start = time.monotonic()
     run(tmp_path, 25, concurrency=8, requests_per_minute=600)  # 10/s, one second of burst
     assert time.monotonic() - start >= 1.3
 
 
-def test_cost_follows_the_price_table(server: ClaudeServer, tmp_path: Path) -> None:
+def test_cost_follows_the_price_table(claude_server: ClaudeServer, tmp_path: Path) -> None:
     client, _ = run(tmp_path, 6)
     rep = client.report()
     t = rep["tokens"]
@@ -186,15 +175,15 @@ def test_cost_follows_the_price_table(server: ClaudeServer, tmp_path: Path) -> N
     assert client.report()["cost_usd"] == pytest.approx(half, abs=1e-6)
 
 
-def test_batch_mode_retries_errored_and_expired_in_a_later_batch(server: ClaudeServer, tmp_path: Path) -> None:
-    server.inject("batch_errored", times=2)
-    server.inject("batch_expired", times=1)
-    server.inject("malformed", times=1)
+def test_batch_mode_retries_errored_and_expired_in_a_later_batch(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.inject("batch_errored", times=2)
+    claude_server.inject("batch_expired", times=1)
+    claude_server.inject("malformed", times=1)
     client, results = run(tmp_path, 12, mode="batch")
     assert len(results) == 12 and all(r.ok for r in results.values())
-    assert server.batch_creates == 2 and client.report()["batches_submitted"] == 2
-    assert server.answered == 13 and server.repeated_paid() == 0  # 12 answers + 1 re-ask
-    assert sum(server.batch_items.values()) == 12 + 3 + 1
+    assert claude_server.batch_creates == 2 and client.report()["batches_submitted"] == 2
+    assert claude_server.answered == 13 and claude_server.repeated_paid() == 0  # 12 answers + 1 re-ask
+    assert sum(claude_server.batch_items.values()) == 12 + 3 + 1
 
 
 def _child(cache: Path, n: int, mode: str) -> subprocess.Popen:
@@ -203,36 +192,36 @@ def _child(cache: Path, n: int, mode: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_batch_resumes_polling_after_a_crash(server: ClaudeServer, tmp_path: Path) -> None:
-    server.hold_batches = True
+def test_batch_resumes_polling_after_a_crash(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.hold_batches = True
     proc = _child(tmp_path, 10, "batch")
     deadline = time.monotonic() + 60
-    while server.batch_retrieves == 0 and time.monotonic() < deadline and proc.poll() is None:
+    while claude_server.batch_retrieves == 0 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert server.batch_retrieves > 0, proc.stderr.read().decode() if proc.poll() is not None else "no poll"
+    assert claude_server.batch_retrieves > 0, proc.stderr.read().decode() if proc.poll() is not None else "no poll"
     proc.kill()
     assert proc.wait() == -9
-    server.hold_batches = False
+    claude_server.hold_batches = False
     client, results = run(tmp_path, 10, mode="batch")
     assert all(r.ok for r in results.values())
-    assert server.batch_creates == 1 and client.report()["batches_submitted"] == 0  # resumed, not resubmitted
-    assert server.answered == 10 and server.repeated_paid() == 0
+    assert claude_server.batch_creates == 1 and client.report()["batches_submitted"] == 0  # resumed, not resubmitted
+    assert claude_server.answered == 10 and claude_server.repeated_paid() == 0
 
 
 @pytest.mark.slow
-def test_kill_at_a_random_point_then_resume_pays_nothing_twice(server: ClaudeServer, tmp_path: Path) -> None:
+def test_kill_at_a_random_point_then_resume_pays_nothing_twice(claude_server: ClaudeServer, tmp_path: Path) -> None:
     n = 40
-    server.latency = 0.02
+    claude_server.latency = 0.02
     proc = _child(tmp_path, n, "online")
-    server.kill_at(random.Random().randint(3, n - 5), proc.pid)
+    claude_server.kill_at(random.Random().randint(3, n - 5), proc.pid)
     assert proc.wait(timeout=60) == -9  # SIGKILL, mid-run
-    answered_before = server.answered
+    answered_before = claude_server.answered
     assert 0 < answered_before < n
-    server._kill = None
+    claude_server._kill = None
     client, results = run(tmp_path, n)
     assert all(r.ok for r in results.values())
     assert client.report()["cache_hits"] == answered_before
-    assert server.answered == n and server.repeated_paid() == 0
+    assert claude_server.answered == n and claude_server.repeated_paid() == 0
 
 
 def test_cache_survives_a_line_cut_short(tmp_path: Path) -> None:
@@ -248,7 +237,7 @@ def test_cache_survives_a_line_cut_short(tmp_path: Path) -> None:
     assert len(RequestCache(tmp_path)) == 2
 
 
-def test_api_key_never_lands_on_disk(server: ClaudeServer, tmp_path: Path) -> None:
+def test_api_key_never_lands_on_disk(claude_server: ClaudeServer, tmp_path: Path) -> None:
     log_file = tmp_path / "debug.log"
     handler = logging.FileHandler(log_file)
     root = logging.getLogger()
@@ -256,11 +245,11 @@ def test_api_key_never_lands_on_disk(server: ClaudeServer, tmp_path: Path) -> No
     old_level = root.level
     root.setLevel(logging.DEBUG)
     try:
-        server.inject("500", times=1)
-        server.inject("malformed", times=1)
+        claude_server.inject("500", times=1)
+        claude_server.inject("malformed", times=1)
         run(tmp_path / "cache", 6)
         run(tmp_path / "cache", 6, mode="batch")
-        server.inject("401", times=None)
+        claude_server.inject("401", times=None)
         with pytest.raises(ClaudeFatalError) as err:
             run(tmp_path / "cache2", 3)
         (tmp_path / "error.txt").write_text(str(err.value))
@@ -268,7 +257,7 @@ def test_api_key_never_lands_on_disk(server: ClaudeServer, tmp_path: Path) -> No
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
-    assert KEY in server.api_keys  # the key was used ...
+    assert KEY in claude_server.api_keys  # the key was used ...
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) >= 4 and log_file.stat().st_size > 0
     leaks = [str(p) for p in files if KEY.encode() in p.read_bytes()]

@@ -319,17 +319,6 @@ def test_judge_request_puts_candidate_first_then_second():
     assert texts["dpo_vs_sft:0:ba"].index("S") < texts["dpo_vs_sft:0:ba"].index("D")
 
 
-@pytest.fixture
-def claude_server(monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from claude_server import ClaudeServer
-
-    with ClaudeServer() as s:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-" + os.urandom(8).hex())
-        yield s
-
-
 def test_judge_through_claude_client_and_test_server(workspace, tmp_path, claude_server):
     params = _params(workspace, style_prompts=0, samples=1, judge="claude", judge_prompts=3, gates=NO_GATES)
     params = params.model_copy(update={"paths": params.paths.model_copy(update={"cache": tmp_path / "cache"})})
