@@ -78,7 +78,8 @@ def child(data: Path, tok_dir: Path, result_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from stages.common.config import load_params
-    from stages.validate import control_strings, read_source, token_counter, validate
+    from stages.common.readers import read_source
+    from stages.validate import control_strings, token_counter, validate
 
     cfg = load_params(Path(__file__).resolve().parents[1] / "params.yaml").validate
     cfg = cfg.model_copy(update={"max_tokens": 512})  # no length rejects: keep the dedup figures clean
@@ -107,7 +108,7 @@ def exact_pairs(texts: list[str], threshold: float, k: int) -> set[tuple[int, in
     """All pairs with word-shingle Jaccard >= threshold, by sparse matrix product (exact)."""
     from scipy import sparse
 
-    from stages.validate import shingle_sets
+    from stages.common.dedup import shingle_sets
 
     sets = shingle_sets(texts, k)
     _, cols = np.unique(sets.flat, return_inverse=True)

