@@ -97,6 +97,21 @@ def end_of_turn(tokenizer: Any) -> str:
     )
 
 
+def use_end_of_turn_as_eos(tokenizer: Any) -> str | None:
+    """Make the template's end-of-turn token the tokenizer's EOS; the EOS it replaced, or None.
+
+    A chat fine-tune ends every answer with the end-of-turn token (`<|eot_id|>`, `<|im_end|>`). A base
+    model's tokenizer often has another EOS (Llama 3.1 base: `<|end_of_text|>`); left so, generation would
+    not stop at the end of an answer and TRL's DPOTrainer would append that EOS to every completion.
+    """
+    eot = end_of_turn(tokenizer)
+    if tokenizer.eos_token == eot:
+        return None
+    replaced = tokenizer.eos_token
+    tokenizer.eos_token = eot
+    return replaced
+
+
 def has_generation_markers(tokenizer: Any) -> bool:
     return "generation" in (tokenizer.chat_template or "") and "endgeneration" in (
         tokenizer.chat_template or ""
@@ -331,6 +346,12 @@ def run(params: Params) -> Formatted:
 
     tokenizer, template_source = load_base_tokenizer(params.paths.base, params.model.chat_template)
     log.info("chat template: %s", template_source)
+    try:
+        replaced_eos = use_end_of_turn_as_eos(tokenizer)
+    except ContractError:
+        replaced_eos = None  # the golden checks below report what is wrong with the template
+    if replaced_eos is not None:
+        log.info("eos token: %r -> the template's end of turn %r", replaced_eos, tokenizer.eos_token)
     with tempfile.TemporaryDirectory() as tmp:  # the round trip the training stages will do
         tokenizer.save_pretrained(tmp)
         saved = AutoTokenizer.from_pretrained(tmp)
@@ -340,6 +361,8 @@ def run(params: Params) -> Formatted:
     }
     result = format_data(tokenizer, saved, clean, params.model.max_seq_length, params.format.golden_check)
     result.report["template_source"] = template_source
+    result.report["eos_token"] = tokenizer.eos_token
+    result.report["eos_token_replaced"] = replaced_eos
     if (
         tokenizer(tokenizer.bos_token or "", add_special_tokens=True)["input_ids"].count(
             tokenizer.bos_token_id

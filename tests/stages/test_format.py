@@ -240,3 +240,38 @@ def test_stage_exits_non_zero_on_a_broken_template(tmp_path, tok):
         run_main(lambda: run(params))
     assert exit_info.value.code == 2
     assert not (tmp_path / "data" / "formatted").exists()  # nothing written before the check
+
+
+def test_stage_makes_the_end_of_turn_the_eos_of_a_base_tokenizer(tmp_path, tok):
+    """A base model's tokenizer (EOS <|end_of_text|>) with the llama3 template: answers end with <|eot_id|>,
+    so that becomes EOS; generation stops there and TRL's DPOTrainer appends nothing to the completions."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    base = clone(tok)
+    base.eos_token = "<|end_of_text|>"
+    run(_params(tmp_path, base))
+    report = json.loads((tmp_path / "reports" / "format.json").read_text())
+    assert report["eos_token"] == "<|eot_id|>" and report["eos_token_replaced"] == "<|end_of_text|>"
+    saved = AutoTokenizer.from_pretrained(tmp_path / "data" / "formatted" / "tokenizer")
+    assert saved.eos_token == "<|eot_id|>"
+
+    rows = [json.loads(line) for line in (tmp_path / "data/formatted/dpo_train.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(saved), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None)
+    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=saved,
+                         train_dataset=ds)
+    for row, seen in zip(rows, trainer.train_dataset, strict=True):  # nothing appended after <|eot_id|>
+        assert seen["chosen_ids"] == saved(row["prompt"] + row["chosen"], add_special_tokens=False)[
+            "input_ids"][len(seen["prompt_ids"]):]
+
+
+def test_stage_keeps_an_eos_that_already_ends_the_turn(tmp_path, tok):
+    run(_params(tmp_path, tok))
+    report = json.loads((tmp_path / "reports" / "format.json").read_text())
+    assert report["eos_token"] == tok.eos_token == "<|eot_id|>" and report["eos_token_replaced"] is None
