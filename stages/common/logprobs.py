@@ -143,7 +143,7 @@ def masked_logprobs(
                 ids[row, cols] = torch.tensor(seq.input_ids)
                 attn[row, cols] = 1
                 mask[row, cols] = torch.tensor(seq.mask, dtype=torch.bool)
-            mask[:, 0] = False  # nothing predicts the first token
+                mask[row, cols.start] = False  # nothing in the row predicts its first token
             if not mask.any():
                 continue
             # logits only from the position before the first scored token on: prompts cost no LM head

@@ -129,10 +129,15 @@ def test_perplexity_is_pooled_over_tokens(model, tok):
     assert abs(got.value - mean_of_ppl) > 1e-3  # the lengths differ, so the two definitions differ
 
 
-def test_first_token_is_never_scored(model, tok):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_first_token_is_never_scored(model, tok, side):
     ids = tok("hello world", add_special_tokens=False)["input_ids"]
-    all_on = masked_logprobs(model, [Encoded(ids, [1] * len(ids))])
-    assert all_on.n_tokens == [len(ids) - 1]
+    longer = tok("hello world, the mechanism is simple", add_special_tokens=False)["input_ids"]
+    seqs = [Encoded(ids, [1] * len(ids)), Encoded(longer, [1] * len(longer))]  # different lengths: padding
+    all_on = masked_logprobs(model, seqs, batch_size=2, padding_side=side, pad_token_id=tok.pad_token_id)
+    alone = [masked_logprobs(model, [s]).logps[0] for s in seqs]
+    assert all_on.n_tokens == [len(ids) - 1, len(longer) - 1]
+    assert all_on.logps == pytest.approx(alone, abs=1e-4)  # a pad never "predicts" a row's first token
 
 
 def _rejected(tok):
