@@ -175,8 +175,9 @@ def trl_text_rows(tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, 
         return rows
     out = [{**r, "prompt": r["prompt"].removeprefix(bos)} for r in rows]
     for before, after in zip(rows[:3], out[:3], strict=True):  # the same tokens, checked, not assumed
-        if tokenizer(after["prompt"])["input_ids"] != tokenizer(before["prompt"], add_special_tokens=False)["input_ids"]:
-            raise ValueError(f"DPO row {before.get('id', '?')}: the prompt does not tokenize the same with the "
+        rendered = tokenizer(before["prompt"], add_special_tokens=False)["input_ids"]
+        if tokenizer(after["prompt"])["input_ids"] != rendered:
+            raise InputError(f"DPO row {before.get('id', '?')}: the prompt does not tokenize the same with the "
                              "tokenizer's own BOS as with the rendered one; check the chat template")
     return out
 
