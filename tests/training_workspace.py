@@ -34,6 +34,25 @@ def tiny_model(tok: Any, seed: int, hidden: int = 64, layers: int = 2) -> LlamaF
     return LlamaForCausalLM(cfg)
 
 
+def sft_rows(tok: Any, questions: list[str], answers: list[str]) -> list[dict[str, Any]]:
+    """Formatted SFT rows (ids s0, s1, ...): one user turn and one answer, with the template's assistant masks."""
+    rows = []
+    for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        enc = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                      tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        rows.append({"id": f"s{i}", "text": "", "input_ids": list(enc["input_ids"]),
+                     "assistant_masks": list(enc["assistant_masks"])})
+    return rows
+
+
+def dpo_pairs(tok: Any, questions: list[str], chosen: list[str], rejected: list[str]) -> list[dict[str, Any]]:
+    """Formatted DPO rows (ids p0, p1, ...): the rendered prompt and both answers ending with EOT."""
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    return [{"id": f"p{i}", "prompt": p, "chosen": c + EOT, "rejected": r + EOT}
+            for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True))]
+
+
 def build(root: Path, seed: int = 1) -> Path:
     """models/base (tiny Llama + tokenizer) and data/formatted/{sft,dpo}_{train,eval}.jsonl + tokenizer."""
     tok = build_tokenizer(CHOSEN + REJECTED + QUESTIONS, 400, LLAMA3)
@@ -41,18 +60,10 @@ def build(root: Path, seed: int = 1) -> Path:
     tok.save_pretrained(root / "models" / "base")
     fmt = root / "data" / "formatted"
     tok.save_pretrained(fmt / "tokenizer")
-    sft_rows = []
-    for i, (q, a) in enumerate(zip(QUESTIONS, CHOSEN, strict=True)):
-        enc = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                      tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        sft_rows.append({"id": f"s{i}", "text": "", "input_ids": list(enc["input_ids"]),
-                         "assistant_masks": list(enc["assistant_masks"])})
-    write_jsonl(fmt / "sft_train.jsonl", sft_rows[:6])
-    write_jsonl(fmt / "sft_eval.jsonl", sft_rows[6:] + sft_rows[:2])
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in QUESTIONS]
-    pairs = [{"id": f"p{i}", "prompt": p, "chosen": c + EOT, "rejected": r + EOT}
-             for i, (p, c, r) in enumerate(zip(prompts, CHOSEN, REJECTED, strict=True))]
+    sft = sft_rows(tok, QUESTIONS, CHOSEN)
+    write_jsonl(fmt / "sft_train.jsonl", sft[:6])
+    write_jsonl(fmt / "sft_eval.jsonl", sft[6:] + sft[:2])
+    pairs = dpo_pairs(tok, QUESTIONS, CHOSEN, REJECTED)
     write_jsonl(fmt / "dpo_train.jsonl", pairs[:6])
     write_jsonl(fmt / "dpo_eval.jsonl", pairs[6:])
     return root

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from stages import evaluate as ev
 from stages.base import build_tokenizer
@@ -23,6 +23,7 @@ from stages.common.engine import load_for_inference
 from stages.common.io import InputError, read_jsonl, write_jsonl
 from stages.common.logprobs import reference_response_logprobs
 from stages.common.templates import LLAMA3
+from tests.training_workspace import dpo_pairs, sft_rows, tiny_model
 
 CHOSEN = ["Motivation is unreliable. Build a schedule.", "Failure is data. Adjust the plan.", "Incentives.",
           "Quit when the expected cost exceeds the value.", "Name the trade-off. Decide.", "Status. Nothing more."]
@@ -34,14 +35,6 @@ QUESTIONS = ["How do I stay motivated?", "What is failure?", "Why do people lie?
 BETA = 0.1
 
 
-def _tiny(tok, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """models/{base,sft-merged,dpo} (dpo = random LoRA on sft-merged) + data/formatted eval files."""
@@ -50,7 +43,7 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     tok = build_tokenizer(CHOSEN + REJECTED + QUESTIONS, 400, LLAMA3)
     for name, seed in (("base", 1), ("sft-merged", 2)):
-        _tiny(tok, seed).save_pretrained(root / "models" / name)
+        tiny_model(tok, seed).save_pretrained(root / "models" / name)
         tok.save_pretrained(root / "models" / name)
     sft = AutoModelForCausalLM.from_pretrained(root / "models" / "sft-merged")
     torch.manual_seed(3)
@@ -62,17 +55,8 @@ def workspace(tmp_path_factory) -> Path:
     tok.save_pretrained(root / "models" / "dpo")
 
     fmt = root / "data" / "formatted"
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in QUESTIONS]
-    write_jsonl(fmt / "dpo_eval.jsonl", [
-        {"id": f"p{i}", "prompt": p, "chosen": c + "<|eot_id|>", "rejected": r + "<|eot_id|>"}
-        for i, (p, c, r) in enumerate(zip(prompts, CHOSEN, REJECTED, strict=True))])
-    rows = []
-    for i, (q, a) in enumerate(zip(QUESTIONS, CHOSEN, strict=True)):
-        enc = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                      tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        rows.append({"id": f"s{i}", "text": "", "input_ids": list(enc["input_ids"]),
-                     "assistant_masks": list(enc["assistant_masks"])})
+    write_jsonl(fmt / "dpo_eval.jsonl", dpo_pairs(tok, QUESTIONS, CHOSEN, REJECTED))
+    rows = sft_rows(tok, QUESTIONS, CHOSEN)
     assert sum(rows[0]["assistant_masks"]) > 0
     write_jsonl(fmt / "sft_eval.jsonl", rows)
     return root
