@@ -1,0 +1,422 @@
+"""Stage placement (flows/placement.py, flows/stage.py) proven on one machine, at tests.repo.MINIMAL size.
+
+The module's `cluster` (tests/cluster.py) stands up what two machines would share — a bare git origin, a
+local-folder DVC remote, a real `prefect server` on 127.0.0.1 — and three process work pools, each with a
+worker in a fresh clone of its own: `cpu` and `gpu` (deployments stage/cpu, stage/gpu) and `tuneforge` (the
+single-machine deployment pipeline/tuneforge). The coordinator is one more clone. In order:
+
+1. the single-machine deployment runs the pipeline (every stage ran);
+2. the coordinator runs the same commit with sft, merge, reference and dpo placed on gpu, evaluate on cpu and
+   the rest in its own workspace; it must end with the single-machine run's dvc.lock and eval.json, and
+   a second run must place nothing and run nothing;
+3. a change to sft is committed and the gpu worker is killed mid-sft: the flow fails naming stage, pool and
+   worker; after a restart the rerun resumes sft from its checkpoint.
+The toy-repo tests at the top check the preflight's refusals without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dvc_toy import make_toy_repo
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterName,
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterTaskRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
+from prefect.client.schemas.sorting import LogSort
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.graph import StageGraph, read_graph
+from flows.pipeline import pipeline
+from flows.placement import (
+    PlacementError,
+    check_dvc_remote,
+    check_on_git_server,
+    check_pools,
+    placed_stages,
+    preflight,
+    read_placement,
+    uncommitted_inputs,
+)
+from stages.common.config import deep_merge
+from tests.cluster import Cluster, git, local_cluster
+from tests.repo import MINIMAL, dvc
+
+GPU_STAGES = ("sft", "merge", "reference", "dpo")
+CPU_STAGES = ("evaluate",)  # the rest run in the coordinator's own workspace (default: null)
+PLACEMENT = {"stages": {**dict.fromkeys(GPU_STAGES, "gpu"), **dict.fromkeys(CPU_STAGES, "cpu")}}
+POOLS = {"cpu": "cpu", "gpu": "gpu", "tuneforge": "tuneforge"}  # work pool -> its clone's deployment
+# Two runs of the same commit differ in these outputs and nowhere else (checked file by file below):
+# wall-clock figures in the training reports, and PEFT's adapter_config.json, which writes target_modules
+# from a Python set (its order follows PYTHONHASHSEED).
+TIMINGS = {"reports/sft.json": {"runtime_s", "tokens_per_s"}, "reports/dpo.json": {"runtime_s", "peak_rss_mb"}}
+ADAPTERS = ("models/sft", "models/dpo")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("placement")
+    with local_cluster(root, deep_merge(MINIMAL, {"placement": PLACEMENT}), POOLS) as c:
+        with temporary_settings({PREFECT_API_URL: c.env["PREFECT_API_URL"]}):
+            yield c
+
+
+# ---------------------------------------------------------------- without a cluster
+
+
+def committed(root: Path) -> Path:
+    for args in (("config", "user.email", "t@tuneforge.invalid"), ("config", "user.name", "t"), ("add", "-A"),
+                 ("commit", "-qm", "toy")):
+        git(*args, cwd=root)
+    return root
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    """A committed toy DVC repo: `a` runs code.py with params a.*, `b` reads a's output."""
+    stages = {"a": {"cmd": "python code.py", "deps": ["code.py"], "params": ["a"], "outs": ["a.txt"]},
+              "b": {"cmd": "cp a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]}}
+    root = make_toy_repo(tmp_path / "toy", stages, params={"a": {"n": 1}, "placement": {"stages": {"a": "gpu"}}})
+    (root / "code.py").write_text("open('a.txt', 'w').write('a')\n")
+    return committed(root)
+
+
+def test_placement_names_a_pool_per_stage_and_rejects_what_dvc_yaml_lacks(toy: Path) -> None:
+    graph = read_graph(toy)
+    cfg = read_placement({"placement": {"default": "cpu", "stages": {"a": "gpu", "b": None}}}, graph)
+    assert placed_stages(cfg, graph.stages) == {"a": "gpu"}  # b: null = here
+    assert placed_stages(read_placement({}, graph), graph.stages) == {}  # no placement: all here
+    with pytest.raises(PlacementError, match="placement.stages names 'sft', not in dvc.yaml"):
+        read_placement({"placement": {"stages": {"sft": "gpu"}}}, graph)
+    with pytest.raises(PlacementError, match=r"placement.default: String should match pattern"):
+        read_placement({"placement": {"default": "g/pu"}}, graph)
+    with pytest.raises(PlacementError, match=r"placement.pools: Extra inputs are not permitted"):
+        read_placement({"placement": {"pools": {}}}, graph)
+
+
+def test_uncommitted_changes_to_what_a_stage_runs_are_named(toy: Path) -> None:
+    graph = read_graph(toy)
+    assert uncommitted_inputs(toy, graph, "a") == []
+    params = yaml.safe_load((toy / "params.yaml").read_text())
+    (toy / "params.yaml").write_text(yaml.safe_dump({**params, "placement": {}}))  # not what `a` runs
+    (toy / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # the coordinator's own, as it runs
+    (toy / "a.txt").write_text("an output: DVC carries it, not git")
+    assert uncommitted_inputs(toy, graph, "a") == []
+    (toy / "code.py").write_text("open('a.txt', 'w').write('A')\n")
+    (toy / "params.yaml").write_text(yaml.safe_dump({**params, "a": {"n": 2}}))
+    assert uncommitted_inputs(toy, graph, "a") == ["code.py", "params.yaml:a"]
+    assert uncommitted_inputs(toy, graph, "b") == []
+
+
+def test_the_commit_must_be_on_the_git_server(toy: Path, tmp_path: Path) -> None:
+    origin = tmp_path / "origin.git"
+    git("init", "-q", "--bare", str(origin), cwd=tmp_path)
+    git("remote", "add", "origin", str(origin), cwd=toy)
+    head = git("rev-parse", "HEAD", cwd=toy).strip()
+    with pytest.raises(PlacementError, match=f"commit {head[:12]} is not on the git server \\(origin\\)"):
+        check_on_git_server(toy, head, "origin")
+    git("push", "-q", "origin", "HEAD:main", cwd=toy)
+    check_on_git_server(toy, head, "origin")
+    with pytest.raises(PlacementError, match="git fetch --quiet upstream"):
+        check_on_git_server(toy, head, "upstream")
+
+
+def test_the_dvc_remote_must_be_set_and_reachable(toy: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlacementError, match="no default DVC remote"):
+        check_dvc_remote(toy)
+    dvc("remote", "add", "-d", "storage", str(tmp_path / "absent"), cwd=toy)
+    with pytest.raises(PlacementError, match=r"DVC remote 'storage' \(.*absent\) does not exist on this machine"):
+        check_dvc_remote(toy)
+    (tmp_path / "absent").mkdir()
+    assert check_dvc_remote(toy).startswith("storage (")
+
+
+def test_preflight_needs_a_prefect_server_and_stages_the_run_cache_can_carry(toy: Path) -> None:
+    graph = read_graph(toy)
+    cfg = read_placement({"placement": {"stages": {"a": "gpu"}}}, graph)
+    with temporary_settings({PREFECT_API_URL: None}):
+        with pytest.raises(PlacementError, match="needs a Prefect server that the workers reach"):
+            preflight(toy, graph, {"a": "gpu"}, cfg)
+    persisted = StageGraph(upstream=graph.upstream, outs=graph.outs,
+                           no_run_cache={"a": "output a.txt is persist: true"})
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(PlacementError, match="stage 'a' cannot be placed: output a.txt is persist: true"):
+            preflight(toy, persisted, {"a": "gpu"}, cfg)
+        (toy / "code.py").write_text("changed\n")
+        with pytest.raises(PlacementError, match="uncommitted changes to what it runs: code.py"):
+            preflight(toy, graph, {"a": "gpu"}, cfg)
+
+
+def test_the_index_graph_says_which_stages_the_run_cache_cannot_carry(tmp_path: Path) -> None:
+    stages = {"p": {"cmd": "true", "deps": ["s.txt"], "outs": [{"p.txt": {"persist": True}}]},
+              "m": {"cmd": "true", "deps": ["s.txt"], "outs": ["o.txt"], "metrics": [{"m.json": {"cache": False}}]},
+              "n": {"cmd": "true", "outs": ["n.txt"]},
+              "ok": {"cmd": "true", "deps": ["s.txt"], "outs": ["ok.txt"]}}
+    graph = read_graph(make_toy_repo(tmp_path / "r", stages))
+    assert graph.no_run_cache == {"p": "output p.txt is persist: true",
+                                  "m": "output m.json is cache: false (not restorable in another clone)",
+                                  "n": "no deps"}
+
+
+# ---------------------------------------------------------------- API helpers
+
+
+def task_runs(flow_run_id) -> dict[str, Any]:
+    """The flow run's own task runs by name (run_deployment's stand-in tasks for remote flow runs left out)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+    return {t.name: t for t in runs if not t.task_key.startswith("prefect.deployments.flow_runs.run_deployment")}
+
+
+def artifacts(flow_run_id) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in arts}
+
+
+def remote_runs(pool: str) -> list[Any]:
+    """Flow runs of the pool's deployment stage/<pool>, oldest first."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[pool])))
+    return sorted(runs, key=lambda r: r.created)
+
+
+def logs(flow_run_id=None, task_run_id=None) -> str:
+    """Every log line of a flow run (or of one task run), in order."""
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])) if flow_run_id else \
+        LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id]))
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+        while batch := client.read_logs(log_filter=log_filter, limit=200, offset=len(lines),
+                                        sort=LogSort.TIMESTAMP_ASC):
+            lines += [e.message for e in batch]
+    return "\n".join(lines)
+
+
+def stages_of(repo: Path) -> list[str]:
+    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+
+
+# ---------------------------------------------------------------- 1. one machine
+
+
+@pytest.fixture(scope="module")
+def single(cluster: Cluster) -> dict[str, Any]:
+    """The single-machine deployment, once. Its clone drops `placement` from params.yaml (uncommitted: no stage
+    reads that section and dvc.lock does not record it), so it runs every stage itself, on the same commit."""
+    repo = cluster.clones["tuneforge"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params.pop("placement")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    flow_run = run_deployment("pipeline/tuneforge", timeout=1800, poll_interval=1, flow_run_name="single")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("pipeline/tuneforge")
+    return {"run": flow_run, "tasks": task_runs(flow_run.id), "artifacts": artifacts(flow_run.id),
+            "deployment": deployment}
+
+
+@pytest.mark.slow
+def test_the_single_machine_deployment_runs_every_stage(cluster: Cluster, single) -> None:
+    stages = stages_of(cluster.clones["tuneforge"])
+    assert single["run"].state.is_completed(), (single["run"].state, cluster.log("tuneforge"))
+    assert {n: t.state.name for n, t in single["tasks"].items()} == dict.fromkeys(stages, "Completed")
+    assert {"dvc-stages", "eval-table", "validation-summary", "generation-cost"} <= set(single["artifacts"])
+    assert "| dpo |" in single["artifacts"]["eval-table"]
+    rows = json.loads(single["artifacts"]["dvc-stages"])
+    assert {r["stage"]: r["outcome"] for r in rows} == dict.fromkeys(stages, "ran")
+    assert single["deployment"].global_concurrency_limit.limit == 1
+    assert single["deployment"].schedules and single["deployment"].schedules[0].schedule.cron == "0 3 * * *"
+
+
+# ---------------------------------------------------------------- 2. placed
+
+
+@pytest.fixture(scope="module")
+def placed(cluster: Cluster, single) -> dict[str, Any]:
+    """The coordinator's placed run (PLACEMENT), then a second one with nothing to do."""
+    repo = cluster.clones["coordinator"]
+    out = {}
+    for name in ("placed", "again"):
+        before = {pool: len(remote_runs(pool)) for pool in ("cpu", "gpu")}
+        state = pipeline(repo=str(repo), return_state=True)
+        flow_run_id = state.state_details.flow_run_id
+        out[name] = {"state": state, "tasks": task_runs(flow_run_id), "artifacts": artifacts(flow_run_id),
+                     "remote": {pool: remote_runs(pool)[before[pool]:] for pool in before},
+                     "logs": {n: logs(task_run_id=t.id) for n, t in task_runs(flow_run_id).items()}}
+    return out
+
+
+@pytest.mark.slow
+def test_each_stage_ran_once_on_its_pool_by_that_pool_worker(cluster: Cluster, placed) -> None:
+    run_ = placed["placed"]
+    assert run_["state"].is_completed(), (run_["state"].message, cluster.log("cpu"), cluster.log("gpu"))
+    where = {}
+    for runs in run_["remote"].values():
+        for r in runs:
+            assert r.state.is_completed(), (r.name, r.state)
+            where.setdefault(r.parameters["stage"], []).append((r.work_pool_name, r.labels["prefect.worker.name"]))
+    assert where == {s: [(p, f"{p}-worker")] for s, p in PLACEMENT["stages"].items()}
+
+
+@pytest.mark.slow
+def test_the_dashboard_shows_where_each_stage_ran(cluster: Cluster, placed) -> None:
+    run_ = placed["placed"]
+    pools = {s: PLACEMENT["stages"].get(s) for s in stages_of(cluster.clones["coordinator"])}
+    assert {n: t.state.name for n, t in run_["tasks"].items()} == {
+        s: f"Ran on pool {p}" if p else "Completed" for s, p in pools.items()}
+    rows = {r["stage"]: r for r in json.loads(run_["artifacts"]["dvc-stages"])}
+    assert {s: (r["outcome"], r["pool"], r["worker"]) for s, r in rows.items()} == {
+        s: (f"ran on pool {p}", p, f"{p}-worker") if p else ("ran", None, None) for s, p in pools.items()}
+    remote_ids = {str(r.id) for runs in run_["remote"].values() for r in runs}
+    assert {r["flow_run"].rsplit("/", 1)[-1] for r in rows.values() if r["pool"]} == remote_ids
+    assert "| dpo |" in run_["artifacts"]["eval-table"]
+    sft_log = run_["logs"]["sft"]  # the worker's own output, carried into the coordinator's task log
+    assert "[gpu/gpu-worker]" in sft_log and "Running stage 'sft'" in sft_log and "sft done" in sft_log
+    coordinator_run = run_["state"].state_details.flow_run_id
+    with get_client(sync_client=True) as client:  # each remote flow run is a subflow of the coordinator's run
+        for r in (r for runs in run_["remote"].values() for r in runs):
+            assert client.read_task_run(r.parent_task_run_id).flow_run_id == coordinator_run, r.name
+
+
+def _digest(path: Path) -> dict[str, str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p.relative_to(path)) if path.is_dir() else p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+def _same_output(a: Path, b: Path, rel: str) -> bool:
+    """Equal bytes, or for the known run-to-run differences (TIMINGS, ADAPTERS) equal apart from them."""
+    if rel in TIMINGS:
+        ja, jb = (json.loads((r / rel).read_text()) for r in (a, b))
+        return {k: v for k, v in ja.items() if k not in TIMINGS[rel]} == \
+            {k: v for k, v in jb.items() if k not in TIMINGS[rel]}
+    if rel in ADAPTERS:
+        da, db = _digest(a / rel), _digest(b / rel)
+        configs = [p for p in da if p.endswith("adapter_config.json")]
+
+        def norm(root: Path, p: str) -> dict:
+            cfg = json.loads((root / rel / p).read_text())
+            return {**cfg, "target_modules": sorted(cfg["target_modules"])}
+
+        return da.keys() == db.keys() and all(da[p] == db[p] for p in da if p not in configs) and \
+            all(norm(a, p) == norm(b, p) for p in configs)
+    return _digest(a / rel) == _digest(b / rel)
+
+
+@pytest.mark.slow
+def test_the_coordinator_ends_as_a_single_machine_run_of_the_same_commit(cluster: Cluster, placed) -> None:
+    coordinator, single = cluster.clones["coordinator"], cluster.clones["tuneforge"]
+    assert (coordinator / "reports/eval.json").read_bytes() == (single / "reports/eval.json").read_bytes()
+    lock_c, lock_s = (yaml.safe_load((r / "dvc.lock").read_text())["stages"] for r in (coordinator, single))
+    assert lock_c.keys() == lock_s.keys() == set(stages_of(coordinator))
+    varying = set(TIMINGS) | set(ADAPTERS)
+    for stage in lock_c:
+        c, s = lock_c[stage], lock_s[stage]
+        assert (c["cmd"], c.get("params")) == (s["cmd"], s.get("params")), stage
+        for kind in ("deps", "outs"):
+            assert [e["path"] for e in c.get(kind, [])] == [e["path"] for e in s.get(kind, [])], (stage, kind)
+            for ec, es in zip(c.get(kind, []), s.get(kind, []), strict=True):
+                if ec["md5"] != es["md5"]:
+                    assert ec["path"] in varying, (stage, kind, ec["path"])
+                    assert _same_output(coordinator, single, ec["path"]), (stage, ec["path"])
+                else:
+                    assert ec == es, (stage, kind, ec["path"])
+    status = dvc("status", cwd=coordinator).stdout
+    assert "Data and pipelines are up to date" in status, status
+
+
+@pytest.mark.slow
+def test_a_second_run_places_nothing_and_runs_nothing(cluster: Cluster, placed) -> None:
+    again = placed["again"]
+    assert again["state"].is_completed(), again["state"].message
+    assert again["remote"] == {"cpu": [], "gpu": []}
+    stages = stages_of(cluster.clones["coordinator"])
+    assert {n: t.state.name for n, t in again["tasks"].items()} == dict.fromkeys(stages, "Skipped")
+
+
+# ---------------------------------------------------------------- fail fast
+
+
+@pytest.mark.slow
+def test_a_missing_remote_or_an_unreachable_pool_fails_fast_naming_it(cluster: Cluster, placed, tmp_path) -> None:
+    coordinator = cluster.clones["coordinator"]
+    with pytest.raises(PlacementError, match="work pool 'tpu' does not exist"):
+        check_pools(["tpu"])
+    cluster.prefect("work-pool", "create", "idle", "--type", "process", cwd=cluster.root)
+    with pytest.raises(PlacementError, match="work pool 'idle' has no deployment 'stage/idle'"):
+        check_pools(["idle"])
+    dvc("remote", "modify", "--local", "storage", "url", str(tmp_path / "not-mounted"), cwd=coordinator)
+    try:
+        with pytest.raises(PlacementError, match=r"DVC remote 'storage' \(.*not-mounted\) does not exist"):
+            check_dvc_remote(coordinator)
+        started = time.monotonic()
+        state = pipeline(repo=str(coordinator), return_state=True)
+        assert state.is_failed() and "not-mounted" in state.message and time.monotonic() - started < 60
+    finally:
+        (coordinator / ".dvc/config.local").unlink()
+
+
+# ---------------------------------------------------------------- 3. a worker dies mid-stage
+
+
+@pytest.mark.slow
+def test_a_killed_gpu_worker_fails_sft_naming_pool_and_worker_and_the_rerun_resumes(cluster: Cluster,
+                                                                                    placed) -> None:
+    coordinator, gpu = cluster.clones["coordinator"], cluster.clones["gpu"]
+    params = yaml.safe_load((coordinator / "params.yaml").read_text())
+    params["sft"]["trainer"].update(max_steps=8, save_steps=2, eval_steps=2)
+    (coordinator / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git("commit", "-qam", "sft: 8 steps", cwd=coordinator)
+    git("push", "-q", "origin", "HEAD:main", cwd=coordinator)
+
+    cmd = [sys.executable, "-m", "flows.pipeline", "sft", "--repo", str(coordinator)]
+    log = cluster.root / "coordinator-killed.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=coordinator, env=cluster.env, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not list((gpu / "checkpoints/sft").glob("*/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    killed_at = json.loads(next((gpu / "checkpoints/sft").glob("*/checkpoint-*/trainer_state.json"))
+                           .read_text())["global_step"]
+    cluster.kill_worker("gpu")
+    assert proc.wait(timeout=300) != 0
+    out = log.read_text()
+    assert "stage(s) 'sft' failed" in out and "worker 'gpu-worker' of work pool 'gpu' went offline" in out, out[-4000:]
+    assert not (coordinator / "models/sft").exists()
+    crashed = remote_runs("gpu")[-1]
+    assert crashed.parameters["stage"] == "sft" and crashed.state.is_crashed()
+    with pytest.raises(PlacementError, match="work pool 'gpu' has no online worker"):
+        check_pools(["gpu"])  # what a run started now would stop at, before any stage
+
+    cluster.start_worker("gpu")
+    cluster.wait_online(["gpu"])
+    state = pipeline(targets=["sft"], repo=str(coordinator), return_state=True)
+    assert state.is_completed(), (state.message, cluster.log("gpu"))
+    assert state.result()["sft"] == "ran on pool gpu"
+    report = json.loads((coordinator / "reports/sft.json").read_text())
+    assert report["resumed_from_step"] == killed_at > 0 and report["steps"] == 8
+    rerun = remote_runs("gpu")[-1]
+    assert f"checkpoint-{killed_at}" in logs(rerun.id) and "resuming from" in logs(rerun.id)
+    assert os.path.isdir(coordinator / "models/sft")
