@@ -21,20 +21,8 @@ from typing import Any
 import psutil
 
 from flows.server import local_server, prefect_cli, stop
-from tests.repo import dvc, make_repo, run
+from tests.repo import clone, dvc, git, make_repo, run
 from tests.repo import env as repo_env
-
-
-def git(*args: str, cwd: Path) -> str:
-    return run(["git", *args], cwd=cwd).stdout
-
-
-def clone(origin: Path, dest: Path) -> Path:
-    """`git clone` of the origin with a committer identity of its own."""
-    run(["git", "clone", "-q", str(origin), str(dest)], cwd=origin.parent)
-    git("config", "user.email", f"{dest.name}@tuneforge.invalid", cwd=dest)
-    git("config", "user.name", dest.name, cwd=dest)
-    return dest
 
 
 @dataclass

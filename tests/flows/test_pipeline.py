@@ -189,6 +189,18 @@ def test_artifacts_from_reports_on_the_flow_run(tmp_path: Path, stub: StubRunner
     }
 
 
+def test_a_bad_placement_or_force_with_placement_fails_before_any_stage(tmp_path: Path, stub: StubRunner) -> None:
+    root = make_toy_repo(tmp_path / "r", params={"placement": {"stages": {"e": "gpu"}}})
+    state = pipeline(repo=str(root), return_state=True)
+    assert state.is_failed() and "placement.stages names 'e', not in dvc.yaml" in state.message
+    (root / "params.yaml").write_text(yaml.safe_dump({"placement": {"stages": {"d": "gpu"}}}))
+    state = pipeline(repo=str(root), force=True, return_state=True)
+    assert state.is_failed() and "--force" in state.message and "d on gpu" in state.message
+    assert not stub.calls
+    (root / "params.yaml").write_text(yaml.safe_dump({"placement": {"stages": {"d": None}}}))  # null = here
+    assert pipeline(repo=str(root)) == dict.fromkeys("abcd", RAN)
+
+
 # ---------------------------------------------------------------- pure helpers
 
 

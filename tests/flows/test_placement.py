@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -57,9 +58,10 @@ from flows.placement import (
     read_placement,
     uncommitted_inputs,
 )
+from flows.repro import WOULD_RUN, StageFailed
 from stages.common.config import deep_merge
-from tests.cluster import Cluster, git, local_cluster
-from tests.repo import MINIMAL, dvc
+from tests.cluster import Cluster, local_cluster
+from tests.repo import MINIMAL, dvc, git
 
 GPU_STAGES = ("sft", "merge", "reference", "dpo")
 CPU_STAGES = ("evaluate",)  # the rest run in the coordinator's own workspace (default: null)
@@ -164,6 +166,33 @@ def test_preflight_needs_a_prefect_server_and_stages_the_run_cache_can_carry(toy
         (toy / "code.py").write_text("changed\n")
         with pytest.raises(PlacementError, match="uncommitted changes to what it runs: code.py"):
             preflight(toy, graph, {"a": "gpu"}, cfg)
+
+
+def test_a_placed_result_missing_from_the_run_cache_fails_and_is_never_run_here(toy, monkeypatch) -> None:
+    """The worker reported success but DVC finds no complete run-cache entry: the stage fails; the only dvc
+    calls made here are the two that refuse to run it."""
+    from prefect.states import Completed
+
+    from flows import placement
+
+    calls = []
+
+    def dvc_stage(stage, root, force, logger, pull=False, refuse_to_run=False):
+        calls.append((stage, refuse_to_run))
+        return WOULD_RUN
+
+    class Run:
+        id, name, state = "id", "a @ 0123abcd", Completed(name="Completed")
+
+    monkeypatch.setattr(placement, "run_dvc_stage", dvc_stage)
+    monkeypatch.setattr(placement, "push_deps", lambda *a: None)
+    monkeypatch.setattr("prefect.deployments.run_deployment", lambda *a, **k: Run())
+    monkeypatch.setattr("prefect.utilities.urls.url_for", lambda run: "http://ui/runs/flow-run/id")
+    monkeypatch.setattr(placement, "follow", lambda *a: (Run(), "gpu-worker"))
+    with pytest.raises(StageFailed, match="stage 'a' ran on work pool 'gpu' \\(worker 'gpu-worker'\\), but the "
+                                          "DVC remote's run-cache has no complete entry for it"):
+        placement.place_stage("a", "gpu", toy, "0123abcd" * 5, read_graph(toy), logging.getLogger("t"))
+    assert calls == [("a", True), ("a", True)]
 
 
 def test_the_index_graph_says_which_stages_the_run_cache_cannot_carry(tmp_path: Path) -> None:
