@@ -5,7 +5,7 @@ dvc.lock. In the worker's own clone (the deployment's working directory) it:
 
 1. checks out the commit (fetched from the git server; a clone with local edits is refused);
 2. takes the coordinator's dvc.lock and pulls exactly the stage's deps that other stages produce;
-3. runs `dvc repro --pull --single-item <stage>` (restored instead if the run-cache already has it);
+3. runs `dvc repro --single-item <stage>` (the coordinator has just found no run-cache entry for it);
 4. pushes the stage's outputs, and only after them its run-cache entry: an entry on the remote always has
    complete outputs (`dvc push --run-cache` alone sends the entries first, dvc/repo/push.py).
 
@@ -70,7 +70,7 @@ def stage(commit: str, stage: str, lock: str = "") -> State:
     deps = [d for d in graph.deps.get(stage, ()) if graph.producer(d) not in (None, stage)]
     if deps:  # --force: a dep left from an earlier run on this clone is replaced by the locked version
         run_dvc(root, logger, "pull", "--force", *deps)
-    outcome = run_dvc_stage(stage, root, False, logger, pull=True)
+    outcome = run_dvc_stage(stage, root, False, logger)
     push_result(root, stage, logger)
     message = f"DVC {outcome} stage {stage!r} at {commit[:12]} on worker {worker_name()!r} ({socket.gethostname()})"
     logger.info("%s", message)

@@ -5,12 +5,12 @@ local-folder DVC remote, a real `prefect server` on 127.0.0.1 — and three proc
 worker in a fresh clone of its own: `cpu` and `gpu` (deployments stage/cpu, stage/gpu) and `tuneforge` (the
 single-machine deployment pipeline/tuneforge). The coordinator is one more clone. In order:
 
-1. the single-machine deployment runs the pipeline (every stage ran);
+1. the single-machine deployment runs the pipeline (every stage ran), beside 2.;
 2. the coordinator runs the same commit with sft, merge, reference and dpo placed on gpu, evaluate on cpu and
-   the rest in its own workspace; it must end with the single-machine run's dvc.lock and eval.json, and
-   a second run must place nothing and run nothing;
-3. a change to sft is committed and the gpu worker is killed mid-sft: the flow fails naming stage, pool and
-   worker; after a restart the rerun resumes sft from its checkpoint.
+   the rest in its own workspace. The gpu worker is killed during sft (machine lost): the flow fails naming
+   stage, pool and worker. After the worker restarts, the rerun resumes sft from its checkpoint and completes:
+   the coordinator ends with the single-machine run's dvc.lock and eval.json. A third run places nothing and
+   runs nothing.
 The toy-repo tests at the top check the preflight's refusals without a cluster.
 """
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,17 +65,21 @@ GPU_STAGES = ("sft", "merge", "reference", "dpo")
 CPU_STAGES = ("evaluate",)  # the rest run in the coordinator's own workspace (default: null)
 PLACEMENT = {"stages": {**dict.fromkeys(GPU_STAGES, "gpu"), **dict.fromkeys(CPU_STAGES, "cpu")}}
 POOLS = {"cpu": "cpu", "gpu": "gpu", "tuneforge": "tuneforge"}  # work pool -> its clone's deployment
-# Two runs of the same commit differ in these outputs and nowhere else (checked file by file below):
-# wall-clock figures in the training reports, and PEFT's adapter_config.json, which writes target_modules
-# from a Python set (its order follows PYTHONHASHSEED).
-TIMINGS = {"reports/sft.json": {"runtime_s", "tokens_per_s"}, "reports/dpo.json": {"runtime_s", "peak_rss_mb"}}
+SFT_STEPS = 4  # a checkpoint every 2 steps: the worker is lost after the first, the rerun resumes it
+PROJECT = deep_merge(MINIMAL, {"placement": PLACEMENT, "sft": {"trainer": {"max_steps": SFT_STEPS, "save_steps": 2,
+                                                                          "eval_steps": 2}}})
+# Two runs of the same commit differ in these outputs and nowhere else (checked file by file below): what the
+# training reports say about the run itself (wall-clock figures; the resumed step), and PEFT's
+# adapter_config.json, which writes target_modules from a Python set (in PYTHONHASHSEED's order).
+RUN_FACTS = {"reports/sft.json": {"runtime_s", "tokens_per_s", "resumed_from_step"},
+             "reports/dpo.json": {"runtime_s", "peak_rss_mb"}}
 ADAPTERS = ("models/sft", "models/dpo")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("placement")
-    with local_cluster(root, deep_merge(MINIMAL, {"placement": PLACEMENT}), POOLS) as c:
+    with local_cluster(root, PROJECT, POOLS) as c:
         with temporary_settings({PREFECT_API_URL: c.env["PREFECT_API_URL"]}):
             yield c
 
@@ -251,15 +253,25 @@ def stages_of(repo: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single(cluster: Cluster) -> dict[str, Any]:
-    """The single-machine deployment, once. Its clone drops `placement` from params.yaml (uncommitted: no stage
-    reads that section and dvc.lock does not record it), so it runs every stage itself, on the same commit."""
+def single_started(cluster: Cluster) -> Any:
+    """The single-machine deployment's run, started at once: it runs beside the coordinator's, as two machines
+    would. Its clone drops `placement` from params.yaml (uncommitted: no stage reads that section and dvc.lock
+    does not record it), so it runs every stage itself, on the same commit."""
     repo = cluster.clones["tuneforge"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params.pop("placement")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    flow_run = run_deployment("pipeline/tuneforge", timeout=1800, poll_interval=1, flow_run_name="single")
+    return run_deployment("pipeline/tuneforge", timeout=0, flow_run_name="single")
+
+
+@pytest.fixture(scope="module")
+def single(cluster: Cluster, single_started, placed) -> dict[str, Any]:
+    """The single-machine run, finished."""
+    deadline = time.monotonic() + 1800
     with get_client(sync_client=True) as client:
+        while not (flow_run := client.read_flow_run(single_started.id)).state.is_final():
+            assert time.monotonic() < deadline, cluster.log("tuneforge")
+            time.sleep(1)
         deployment = client.read_deployment_by_name("pipeline/tuneforge")
     return {"run": flow_run, "tasks": task_runs(flow_run.id), "artifacts": artifacts(flow_run.id),
             "deployment": deployment}
@@ -278,22 +290,83 @@ def test_the_single_machine_deployment_runs_every_stage(cluster: Cluster, single
     assert single["deployment"].schedules and single["deployment"].schedules[0].schedule.cron == "0 3 * * *"
 
 
-# ---------------------------------------------------------------- 2. placed
+# ---------------------------------------------------------------- 2. placed, with a worker lost mid-sft
+
+
+def kill_at_first_checkpoint(cluster: Cluster, pool: str, done: threading.Event, out: dict[str, Any]) -> None:
+    """Once the pool's clone holds a complete SFT checkpoint, lose that machine (its worker and everything
+    under it); out["step"] = the checkpoint's step."""
+    folder = cluster.clones[pool] / "checkpoints/sft"
+    while not done.is_set():
+        found = sorted(folder.glob("*/checkpoint-*/trainer_state.json"))
+        if found:
+            cluster.kill_worker(pool)
+            out["step"] = json.loads(found[0].read_text())["global_step"]
+            return
+        time.sleep(0.05)
+
+
+def coordinator_run(repo: Path) -> dict[str, Any]:
+    """pipeline() in the coordinator's clone, and what the server holds about it afterwards."""
+    before = {pool: len(remote_runs(pool)) for pool in ("cpu", "gpu")}
+    state = pipeline(repo=str(repo), return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    tasks = task_runs(flow_run_id)
+    return {"state": state, "tasks": tasks, "artifacts": artifacts(flow_run_id),
+            "remote": {pool: remote_runs(pool)[before[pool]:] for pool in before},
+            "logs": {n: logs(task_run_id=t.id) for n, t in tasks.items()}}
 
 
 @pytest.fixture(scope="module")
-def placed(cluster: Cluster, single) -> dict[str, Any]:
-    """The coordinator's placed run (PLACEMENT), then a second one with nothing to do."""
+def placed(cluster: Cluster, single_started) -> dict[str, Any]:
+    """Three coordinator runs of PLACEMENT: the gpu worker is killed during the first one's sft; it restarts
+    and the second run completes; the third has nothing to do."""
     repo = cluster.clones["coordinator"]
-    out = {}
-    for name in ("placed", "again"):
-        before = {pool: len(remote_runs(pool)) for pool in ("cpu", "gpu")}
-        state = pipeline(repo=str(repo), return_state=True)
-        flow_run_id = state.state_details.flow_run_id
-        out[name] = {"state": state, "tasks": task_runs(flow_run_id), "artifacts": artifacts(flow_run_id),
-                     "remote": {pool: remote_runs(pool)[before[pool]:] for pool in before},
-                     "logs": {n: logs(task_run_id=t.id) for n, t in task_runs(flow_run_id).items()}}
+    done, killed = threading.Event(), {}
+    killer = threading.Thread(target=kill_at_first_checkpoint, args=(cluster, "gpu", done, killed))
+    killer.start()
+    try:
+        out = {"killed": coordinator_run(repo)}
+    finally:
+        done.set()
+        killer.join()
+    out["killed"]["step"] = killed.get("step")
+    out["killed"]["models_sft"] = (repo / "models/sft").exists()
+    try:
+        check_pools(["gpu"])
+    except PlacementError as err:
+        out["killed"]["preflight"] = str(err)  # what a run started now would stop at
+    cluster.start_worker("gpu")
+    cluster.wait_online(["gpu"])
+    out["placed"] = coordinator_run(repo)
+    out["again"] = coordinator_run(repo)
     return out
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_sft_fails_the_stage_naming_pool_and_worker(cluster: Cluster, placed) -> None:
+    run_ = placed["killed"]
+    assert run_["step"], ("the gpu worker was never killed", run_["state"].message)
+    message = run_["state"].message
+    assert run_["state"].is_failed() and "stage(s) 'sft' failed" in message, message
+    assert "worker 'gpu-worker' of work pool 'gpu' went offline" in message, message
+    assert "not run: merge, reference, dpo, evaluate" in message, message
+    assert run_["tasks"]["sft"].state.is_failed() and not run_["models_sft"]
+    [crashed] = run_["remote"]["gpu"]
+    assert crashed.parameters["stage"] == "sft" and crashed.state.is_crashed(), crashed.state
+    assert run_["preflight"] == "work pool 'gpu' has no online worker (start one in its clone: " \
+        "`prefect worker start --pool gpu --limit 1`)"
+
+
+@pytest.mark.slow
+def test_after_the_restart_sft_resumes_from_the_lost_run_checkpoint(cluster: Cluster, placed) -> None:
+    step = placed["killed"]["step"]
+    report = json.loads((cluster.clones["coordinator"] / "reports/sft.json").read_text())  # restored here
+    assert report["resumed_from_step"] == step and report["steps"] == SFT_STEPS > step
+    [sft] = [r for r in placed["placed"]["remote"]["gpu"] if r.parameters["stage"] == "sft"]
+    text = logs(sft.id)  # the worker's log: its clone kept the lost run's checkpoint
+    assert "resuming from checkpoints/sft/" in text and f"checkpoint-{step} (step {step})" in text, text[-3000:]
+    assert not list((cluster.clones["gpu"] / "checkpoints/sft").glob("*/checkpoint-*"))  # the finished run's gone
 
 
 @pytest.mark.slow
@@ -310,22 +383,22 @@ def test_each_stage_ran_once_on_its_pool_by_that_pool_worker(cluster: Cluster, p
 
 @pytest.mark.slow
 def test_the_dashboard_shows_where_each_stage_ran(cluster: Cluster, placed) -> None:
-    run_ = placed["placed"]
+    run_ = placed["placed"]  # the stages left here ran in the first (killed) run already
     pools = {s: PLACEMENT["stages"].get(s) for s in stages_of(cluster.clones["coordinator"])}
     assert {n: t.state.name for n, t in run_["tasks"].items()} == {
-        s: f"Ran on pool {p}" if p else "Completed" for s, p in pools.items()}
+        s: f"Ran on pool {p}" if p else "Skipped" for s, p in pools.items()}
     rows = {r["stage"]: r for r in json.loads(run_["artifacts"]["dvc-stages"])}
     assert {s: (r["outcome"], r["pool"], r["worker"]) for s, r in rows.items()} == {
-        s: (f"ran on pool {p}", p, f"{p}-worker") if p else ("ran", None, None) for s, p in pools.items()}
+        s: (f"ran on pool {p}", p, f"{p}-worker") if p else ("skipped", None, None) for s, p in pools.items()}
     remote_ids = {str(r.id) for runs in run_["remote"].values() for r in runs}
     assert {r["flow_run"].rsplit("/", 1)[-1] for r in rows.values() if r["pool"]} == remote_ids
     assert "| dpo |" in run_["artifacts"]["eval-table"]
     sft_log = run_["logs"]["sft"]  # the worker's own output, carried into the coordinator's task log
     assert "[gpu/gpu-worker]" in sft_log and "Running stage 'sft'" in sft_log and "sft done" in sft_log
-    coordinator_run = run_["state"].state_details.flow_run_id
+    coordinator_run_id = run_["state"].state_details.flow_run_id
     with get_client(sync_client=True) as client:  # each remote flow run is a subflow of the coordinator's run
         for r in (r for runs in run_["remote"].values() for r in runs):
-            assert client.read_task_run(r.parent_task_run_id).flow_run_id == coordinator_run, r.name
+            assert client.read_task_run(r.parent_task_run_id).flow_run_id == coordinator_run_id, r.name
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -335,11 +408,11 @@ def _digest(path: Path) -> dict[str, str]:
 
 
 def _same_output(a: Path, b: Path, rel: str) -> bool:
-    """Equal bytes, or for the known run-to-run differences (TIMINGS, ADAPTERS) equal apart from them."""
-    if rel in TIMINGS:
+    """Equal bytes, or for the known run-to-run differences (RUN_FACTS, ADAPTERS) equal apart from them."""
+    if rel in RUN_FACTS:
         ja, jb = (json.loads((r / rel).read_text()) for r in (a, b))
-        return {k: v for k, v in ja.items() if k not in TIMINGS[rel]} == \
-            {k: v for k, v in jb.items() if k not in TIMINGS[rel]}
+        return {k: v for k, v in ja.items() if k not in RUN_FACTS[rel]} == \
+            {k: v for k, v in jb.items() if k not in RUN_FACTS[rel]}
     if rel in ADAPTERS:
         da, db = _digest(a / rel), _digest(b / rel)
         configs = [p for p in da if p.endswith("adapter_config.json")]
@@ -354,12 +427,12 @@ def _same_output(a: Path, b: Path, rel: str) -> bool:
 
 
 @pytest.mark.slow
-def test_the_coordinator_ends_as_a_single_machine_run_of_the_same_commit(cluster: Cluster, placed) -> None:
+def test_the_coordinator_ends_as_a_single_machine_run_of_the_same_commit(cluster: Cluster, single) -> None:
     coordinator, single = cluster.clones["coordinator"], cluster.clones["tuneforge"]
     assert (coordinator / "reports/eval.json").read_bytes() == (single / "reports/eval.json").read_bytes()
     lock_c, lock_s = (yaml.safe_load((r / "dvc.lock").read_text())["stages"] for r in (coordinator, single))
     assert lock_c.keys() == lock_s.keys() == set(stages_of(coordinator))
-    varying = set(TIMINGS) | set(ADAPTERS)
+    varying = set(RUN_FACTS) | set(ADAPTERS)
     for stage in lock_c:
         c, s = lock_c[stage], lock_s[stage]
         assert (c["cmd"], c.get("params")) == (s["cmd"], s.get("params")), stage
@@ -404,48 +477,3 @@ def test_a_missing_remote_or_an_unreachable_pool_fails_fast_naming_it(cluster: C
         assert state.is_failed() and "not-mounted" in state.message and time.monotonic() - started < 60
     finally:
         (coordinator / ".dvc/config.local").unlink()
-
-
-# ---------------------------------------------------------------- 3. a worker dies mid-stage
-
-
-@pytest.mark.slow
-def test_a_killed_gpu_worker_fails_sft_naming_pool_and_worker_and_the_rerun_resumes(cluster: Cluster,
-                                                                                    placed) -> None:
-    coordinator, gpu = cluster.clones["coordinator"], cluster.clones["gpu"]
-    params = yaml.safe_load((coordinator / "params.yaml").read_text())
-    params["sft"]["trainer"].update(max_steps=8, save_steps=2, eval_steps=2)
-    (coordinator / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git("commit", "-qam", "sft: 8 steps", cwd=coordinator)
-    git("push", "-q", "origin", "HEAD:main", cwd=coordinator)
-
-    cmd = [sys.executable, "-m", "flows.pipeline", "sft", "--repo", str(coordinator)]
-    log = cluster.root / "coordinator-killed.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=coordinator, env=cluster.env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while not list((gpu / "checkpoints/sft").glob("*/checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.05)
-    killed_at = json.loads(next((gpu / "checkpoints/sft").glob("*/checkpoint-*/trainer_state.json"))
-                           .read_text())["global_step"]
-    cluster.kill_worker("gpu")
-    assert proc.wait(timeout=300) != 0
-    out = log.read_text()
-    assert "stage(s) 'sft' failed" in out and "worker 'gpu-worker' of work pool 'gpu' went offline" in out, out[-4000:]
-    assert not (coordinator / "models/sft").exists()
-    crashed = remote_runs("gpu")[-1]
-    assert crashed.parameters["stage"] == "sft" and crashed.state.is_crashed()
-    with pytest.raises(PlacementError, match="work pool 'gpu' has no online worker"):
-        check_pools(["gpu"])  # what a run started now would stop at, before any stage
-
-    cluster.start_worker("gpu")
-    cluster.wait_online(["gpu"])
-    state = pipeline(targets=["sft"], repo=str(coordinator), return_state=True)
-    assert state.is_completed(), (state.message, cluster.log("gpu"))
-    assert state.result()["sft"] == "ran on pool gpu"
-    report = json.loads((coordinator / "reports/sft.json").read_text())
-    assert report["resumed_from_step"] == killed_at > 0 and report["steps"] == 8
-    rerun = remote_runs("gpu")[-1]
-    assert f"checkpoint-{killed_at}" in logs(rerun.id) and "resuming from" in logs(rerun.id)
-    assert os.path.isdir(coordinator / "models/sft")
