@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--placement", action="store_true", help="measure placement on work pools instead")
     args = parser.parse_args()
     if args.placement:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         placement_overhead()
         return
 
