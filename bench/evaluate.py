@@ -7,11 +7,11 @@ pairs/second for
 
 - `pair`: `logprobs.pair_logprobs`, what the `evaluate` stage runs (batched, each prompt once);
 - `separate`: `logprobs.response_logprobs` on chosen, then on rejected (batched, each prompt twice);
-- `one_at_a_time`: `logprobs.reference_response_logprobs`, one unpadded sequence per forward pass;
+- `one_at_a_time`: `logprobs.oracle_response_logprobs`, one unpadded sequence per forward pass;
 
 the speed-ups, and a roofline bound: the time the pair path's matrix multiplies alone would take at this
 machine's measured fp32 GEMM rate (2048x2048), i.e. the most any fp32 implementation computing the same
-model can gain over the one-at-a-time reference here. The goal of the evaluation issue is >= 4x.
+model can gain over the one-at-a-time oracle here. The goal of the evaluation issue is >= 4x.
 
     python -m bench.evaluate [--pairs 64] [--batch-size 16] [--threads N] [--repeats 5] [--device cpu|cuda]
 """
@@ -32,8 +32,8 @@ from stages.common.config import load_params
 from stages.common.logprobs import (
     common_prefix,
     encode_pairs,
+    oracle_response_logprobs,
     pair_logprobs,
-    reference_response_logprobs,
     response_logprobs,
 )
 from stages.common.templates import LLAMA3
@@ -119,8 +119,8 @@ def main() -> None:
         "pair": lambda: pair_logprobs(model, tokenizer, prompts, chosen, rejected, batch_size=bs),
         "separate": lambda: (response_logprobs(model, tokenizer, prompts, chosen, batch_size=bs),
                              response_logprobs(model, tokenizer, prompts, rejected, batch_size=bs)),
-        "one_at_a_time": lambda: (reference_response_logprobs(model, tokenizer, prompts, chosen),
-                                  reference_response_logprobs(model, tokenizer, prompts, rejected)),
+        "one_at_a_time": lambda: (oracle_response_logprobs(model, tokenizer, prompts, chosen),
+                                  oracle_response_logprobs(model, tokenizer, prompts, rejected)),
     }
     results = {name: fn() for name, fn in fns.items()}  # warm-up, and the numbers to compare
     best = timed(fns, args.repeats)

@@ -4,7 +4,7 @@ and DPO peak memory with and without stored reference log-probs.
 Run: python bench/train.py [--workspace DIR] [--sft-count 240] [--repeats 2] [--engines transformers,unsloth]
                            [--only throughput,packing,rss,dpo] [--size tiny|medium] [--out reports/bench_train.json]
 
-The workspace (a params.yaml + models/base + data/formatted, plus sft-merged and data/reference for the DPO
+The workspace (a params.yaml + models/base + data/formatted, plus sft-merged and data/reference_logps for the DPO
 part) is built once with the pipeline's own stages, offline, and reused on later runs. Every measurement
 runs in its own child process, back to back: throughput = non-padding training tokens / trainer.train()
 wall time, over one epoch of the same rows with the same batch size (so both sides train the same steps on
@@ -62,7 +62,7 @@ def stage(workspace: Path, name: str) -> None:
 
 
 def prepare(workspace: Path, sft_count: int, size: str, dpo: bool) -> None:
-    """params.yaml + the stages' own outputs up to data/formatted (and sft-merged + data/reference for DPO)."""
+    """params.yaml + the stages' own outputs up to data/formatted (and sft-merged + data/reference_logps for DPO)."""
     from stages.common.config import deep_merge
 
     workspace.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def prepare(workspace: Path, sft_count: int, size: str, dpo: bool) -> None:
     done = {"base": "models/base/config.json", "generate": "data/raw/dpo.jsonl",
             "validate": "data/clean/sft_train.jsonl", "format": "data/formatted/sft_train.jsonl",
             "sft": "models/sft/adapter_config.json", "merge": "models/sft-merged/config.json",
-            "reference": "data/reference/meta.json"}
+            "reference": "data/reference_logps/tuneforge.json"}
     for name in wanted:
         if not (workspace / done[name]).exists():
             stage(workspace, name)
@@ -176,7 +176,7 @@ def child_dpo(args: argparse.Namespace) -> dict[str, Any]:
     cfg = params.dpo.model_copy(update={"trainer": {**params.dpo.trainer, "max_steps": args.max_steps or 8}})
     paths = params.paths.model_copy(update={"dpo": out / "dpo", "checkpoints": out / "ckpt", "reports": out})
     report = dpo(cfg, params.sft.model_copy(update={"engine": args.engine}), params.model, paths,
-                 reference_mode=args.reference)
+                 ref_logps=args.ref_logps)
     shutil.rmtree(out, ignore_errors=True)
     return {"train_s": report["runtime_s"], "final_loss": report["final_loss"], **peak()}
 
@@ -241,7 +241,7 @@ def main() -> None:
     child.add_argument("--engine", default="transformers")
     child.add_argument("--packing", type=lambda s: s == "True", default=False)
     child.add_argument("--max-steps", type=int, default=0)
-    child.add_argument("--reference", default="stored")
+    child.add_argument("--ref-logps", default="stored")
     parser.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "tuneforge-bench-train")
     parser.add_argument("--sft-count", type=int, default=240)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -294,7 +294,7 @@ def main() -> None:
                          ["packing", "tokens_per_s", "tokens_per_s_median", "vs_plain_trl", "vs_plain_trl_pairs",
                           "train_s", "wall_s", "peak_rss_mb", *cuda]))
     if "dpo" in only:
-        results["dpo"] = {f"reference {m}": run_child(workspace, "dpo", reference=m, engine=engines[0])
+        results["dpo"] = {f"reference {m}": run_child(workspace, "dpo", ref_logps=m, engine=engines[0])
                           for m in ("stored", "adapter", "model")}
         out.append(table("DPO (stage, 8 steps): stored reference log-probs vs TRL's implicit reference (adapter "
                          "off, a reference forward every step) vs a second reference model", results["dpo"],

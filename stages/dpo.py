@@ -5,7 +5,7 @@ Run: python -m stages.dpo
 
 The reference is the merged SFT model itself (never the raw base; its content hash is recorded in
 reports/dpo.json), and its log-probs for every pair come precomputed from the `reference` stage
-(data/reference), so no reference forward runs here and changing `dpo.*` (e.g. beta) reuses them.
+(data/reference_logps), so no reference forward runs here and changing `dpo.*` (e.g. beta) reuses them.
 The policy is sft-merged plus a new zero-initialised LoRA adapter. `dpo.trainer` goes straight into
 trl.DPOConfig.
 """
@@ -21,6 +21,7 @@ from typing import Any, Literal
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig, load_params
 from stages.common.engine import device, load_for_training, resolve_engine, write_meta
 from stages.common.io import hash_dir, require, run_main, write_json
+from stages.common.reference_logps import dpo_spec, load_reference_logps
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -35,14 +36,14 @@ from stages.common.training import (
     trl_text_rows,
     write_loss_curve,
 )
-from stages.reference import dpo_spec, load_reference_logps
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("id", "prompt", "chosen", "rejected")
-# stored: log-probs from data/reference (the stage's way). adapter: TRL's implicit reference, a forward with
-# the adapter disabled every step. model: a second, frozen copy of sft-merged. The last two exist to measure.
-ReferenceMode = Literal["stored", "adapter", "model"]
+# Where the reference log-probs come from. stored: data/reference_logps, written by the `reference` stage (the
+# stage's way). adapter: TRL's implicit reference, a forward with the adapter disabled every step. model: a second,
+# frozen copy of sft-merged. The last two exist to measure.
+RefLogps = Literal["stored", "adapter", "model"]
 
 
 def peak_rss_mb() -> float:
@@ -61,21 +62,21 @@ def with_reference(rows: list[dict[str, Any]], stored: dict[str, dict[str, float
 
 
 def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig,
-        reference_mode: ReferenceMode = "stored") -> dict[str, Any]:
+        ref_logps: RefLogps = "stored") -> dict[str, Any]:
     from datasets import Dataset
 
-    reference = require(paths.sft_merged, "merged SFT model")
+    sft_merged = require(paths.sft_merged, "merged SFT model (the DPO reference)")
     train_file = require(paths.formatted / "dpo_train.jsonl", "formatted DPO data")
     eval_file = require(paths.formatted / "dpo_eval.jsonl", "formatted DPO data")
     train_rows, eval_rows = load_rows(train_file, COLUMNS), load_rows(eval_file, COLUMNS)
-    reference_hash = hash_dir(reference)
+    sft_merged_hash = hash_dir(sft_merged)
     ref_inputs = []
-    if reference_mode == "stored":  # checked before any model is loaded
+    if ref_logps == "stored":  # checked before any model is loaded
         settings = (resolve_engine(sft_cfg.engine), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
-                    reference_hash)
+                    sft_merged_hash)
         train_rows = with_reference(train_rows, load_reference_logps(paths, "dpo_train", *settings))
         eval_rows = with_reference(eval_rows, load_reference_logps(paths, "dpo_eval", *settings))
-        ref_inputs = [paths.reference / "dpo_train.jsonl", paths.reference / "dpo_eval.jsonl"]
+        ref_inputs = [paths.reference_logps / "dpo_train.jsonl", paths.reference_logps / "dpo_eval.jsonl"]
     else:
         train_rows = [{c: r[c] for c in COLUMNS[1:]} for r in train_rows]
         eval_rows = [{c: r[c] for c in COLUMNS[1:]} for r in eval_rows]
@@ -86,8 +87,8 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     train = Dataset.from_list(trl_text_rows(tokenizer, train_rows))
     evaluation = Dataset.from_list(trl_text_rows(tokenizer, eval_rows))
     key = run_key([train_file, eval_file, *ref_inputs],
-                  {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "reference": reference_hash,
-                   "engine": engine, "reference_mode": reference_mode})
+                  {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "sft_merged": sft_merged_hash,
+                   "engine": engine, "ref_logps": ref_logps})
     out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
     trainer_args = {**cfg.trainer, **precision(cfg.trainer)}  # fp32 on CPU unless dpo.trainer says otherwise
     args = TrlDPOConfig(
@@ -99,13 +100,13 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         **trainer_args,
     )
     ref_model = None
-    if reference_mode == "model":
+    if ref_logps == "model":
         from stages.common.engine import load_causal_lm
 
-        ref_model = load_causal_lm(str(reference), dtype=next(model.parameters()).dtype).eval()
+        ref_model = load_causal_lm(str(sft_merged), dtype=next(model.parameters()).dtype).eval()
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
                          eval_dataset=evaluation, processing_class=tokenizer)
-    if reference_mode == "stored":
+    if ref_logps == "stored":
         # TRL's loss then reads ref_chosen_logps / ref_rejected_logps from the batch (its collator passes the
         # columns through) instead of running the reference; DPOConfig.precompute_ref_log_probs stays False
         # so TRL does not compute them again itself.
@@ -120,7 +121,7 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         paths.dpo.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(paths.dpo)
         tokenizer.save_pretrained(paths.dpo)
-        write_meta(paths.dpo, stage="dpo", base=str(reference), reference_sha256=reference_hash, engine=engine,
+        write_meta(paths.dpo, stage="dpo", base=str(sft_merged), sft_merged_sha256=sft_merged_hash, engine=engine,
                    run_key=key)
         write_loss_curve(history, paths.reports / "dpo_loss.csv")
     finish_run(out_dir)
@@ -128,9 +129,9 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         **summarize(history),
         "beta": cfg.beta,
         "engine": engine,
-        "reference": str(reference),
-        "reference_sha256": reference_hash,
-        "reference_logps": "stored in " + str(paths.reference) if reference_mode == "stored" else reference_mode,
+        "sft_merged": str(sft_merged),
+        "sft_merged_sha256": sft_merged_hash,
+        "ref_logps": "stored in " + str(paths.reference_logps) if ref_logps == "stored" else ref_logps,
         "train_pairs": len(train),
         "processes": trainer.args.world_size,
         "eval_rewards_margins": final_eval.get("eval_rewards/margins"),

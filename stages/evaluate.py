@@ -39,7 +39,7 @@ from stages.common.logprobs import LogprobResult, Perplexity, pair_logprobs, per
 log = logging.getLogger(__name__)
 
 MODELS = ("base", "sft", "dpo")
-REFERENCE = "sft"
+IMPLICIT_ANCHOR = "sft"  # the implicit reward is measured against this model (DPO's π_ref: sft-merged)
 ModelLoader = Callable[[], tuple[Any, Any]]  # () -> (model, tokenizer)
 
 
@@ -327,12 +327,12 @@ def _acc(xs: Sequence[float]) -> float:
     return float(np.mean([x > 0 for x in xs])) if len(xs) else float("nan")
 
 
-def model_metrics(run: ModelRun, ref: ModelRun, beta: float) -> dict[str, float]:
+def model_metrics(run: ModelRun, anchor: ModelRun, beta: float) -> dict[str, float]:
     c, r = np.array(run.chosen.logps), np.array(run.rejected.logps)
     nc, nr = np.array(run.chosen.n_tokens), np.array(run.rejected.n_tokens)
     summed = c - r
     per_token = c / nc - r / nr
-    implicit = beta * ((c - np.array(ref.chosen.logps)) - (r - np.array(ref.rejected.logps)))
+    implicit = beta * ((c - np.array(anchor.chosen.logps)) - (r - np.array(anchor.rejected.logps)))
     return {
         "reward_margin": _mean(summed),
         "reward_accuracy": _acc(summed),
@@ -383,8 +383,8 @@ def evaluate(
     judge: Callable[[Sequence[str], Mapping[str, Sequence[str]]], dict[str, Any]] | None = None,
 ) -> EvalReport:
     """Load each model in turn (one in memory at a time), score it, then compare across models."""
-    if REFERENCE not in loaders:
-        raise ValueError(f"the implicit reward needs the {REFERENCE!r} model as reference")
+    if IMPLICIT_ANCHOR not in loaders:
+        raise ValueError(f"the implicit reward needs the {IMPLICIT_ANCHOR!r} model to measure against")
     n_prompts = max(cfg.style_prompts, cfg.samples, cfg.judge_prompts if judge else 0)
     prompts = [p.prompt for p in pairs[:n_prompts]]
     runs: dict[str, ModelRun] = {}
@@ -397,7 +397,7 @@ def evaluate(
         del model
         gc.collect()
 
-    metrics = {name: model_metrics(run, runs[REFERENCE], beta) for name, run in runs.items()}
+    metrics = {name: model_metrics(run, runs[IMPLICIT_ANCHOR], beta) for name, run in runs.items()}
     info: dict[str, Any] = {"pairs": len(pairs), "sft_examples": len(sft_rows), "beta": beta,
                             "style_prompts": cfg.style_prompts if prompts else 0}
     if cfg.style_prompts and prompts:
@@ -429,7 +429,7 @@ def evaluate(
 COLUMNS = [
     ("reward_margin", "reward margin"), ("reward_accuracy", "accuracy"),
     ("reward_margin_per_token", "margin / token"), ("reward_accuracy_per_token", "accuracy / token"),
-    ("implicit_reward_margin", "implicit reward margin (β, ref = SFT)"),
+    ("implicit_reward_margin", "implicit reward margin (β, vs SFT)"),
     ("implicit_reward_accuracy", "implicit accuracy"), ("perplexity", "perplexity"), ("style_score", "style score"),
     ("judge_win_rate_vs_sft", "judge win-rate vs SFT"), ("judge_win_rate_vs_base", "judge win-rate vs base"),
 ]

@@ -18,6 +18,7 @@ from typing import Any
 from stages.common import offline
 from stages.common.config import GenerateConfig, ParamsError, load_params
 from stages.common.io import InputError, run_main, write_json, write_jsonl
+from stages.common.persona import system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ def resolve_provider(cfg: GenerateConfig) -> str:
     if cfg.provider != "auto":
         return cfg.provider
     return "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "offline"
-
-
-def system_prompt(cfg: GenerateConfig) -> str:
-    return f"You are {cfg.persona.name}. {cfg.persona.description}"
 
 
 def generate_offline(cfg: GenerateConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:

@@ -135,7 +135,7 @@ def test_b_gets_every_output_and_reruns_nothing(team, pulled):
     assert stages_run(pulled["repro"]) == [], pulled["repro"]
     assert pulled["files"] == digest(a, *outputs(a))
     assert (team["b"] / "reports/eval.json").read_bytes() == (a / "reports/eval.json").read_bytes()
-    needed = {"data/raw", "data/clean", "data/formatted", "data/reference", "models/base", "models/sft",
+    needed = {"data/raw", "data/clean", "data/formatted", "data/reference_logps", "models/base", "models/sft",
               "models/sft-merged", "models/dpo", "reports/eval.json"}
     assert needed <= set(outputs(a))
 

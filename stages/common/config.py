@@ -30,7 +30,7 @@ class PathsConfig(Strict):
     sft: Path
     sft_merged: Path
     dpo: Path
-    reference: Path = Path("data/reference")  # the `reference` stage's stored DPO reference log-probs
+    reference_logps: Path = Path("data/reference_logps")  # the `reference` stage's stored DPO reference log-probs
     checkpoints: Path
     reports: Path
     cache: Path
@@ -318,7 +318,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--apply", type=Path, help="preset YAML deep-merged into --params")
-    parser.add_argument("--check", action="store_true", help="only validate --params")
     args = parser.parse_args()
     data = read_yaml(args.params)
     if args.apply:

@@ -215,13 +215,6 @@ def load_for_training(spec: TrainSpec):
     return model, tokenizer, engine
 
 
-def add_lora(model: Any, lora: LoraConfig):
-    """A fresh LoRA adapter on an already loaded model (DPO on the merged SFT model)."""
-    from peft import get_peft_model
-
-    return get_peft_model(model, _peft_config(lora))
-
-
 def write_meta(output: Path, **meta: Any) -> None:
     write_json(output / META, meta)
 
@@ -238,11 +231,10 @@ def load_causal_lm(model_id: str, dtype: torch.dtype | None = None):
     return model.to(device())
 
 
-def load_for_inference(path: Path | str, merge: bool = False):
+def load_for_inference(path: Path | str):
     """(model, tokenizer) in eval mode from a full model folder, an adapter folder, or models/base.
 
     An adapter folder's base comes from its tuneforge.json (`base`), else from adapter_config.json.
-    With merge=True the adapter is merged into the (16-bit / fp32, never 4-bit) base weights.
     """
     from peft import PeftModel
 
@@ -252,8 +244,6 @@ def load_for_inference(path: Path | str, merge: bool = False):
         base = meta.get("base") or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = load_causal_lm(base_model_id(base) if Path(base).is_dir() else base)
         model = PeftModel.from_pretrained(model, str(path))
-        if merge:
-            model = model.merge_and_unload()
     else:
         model = load_causal_lm(base_model_id(path))
     model.eval()

@@ -29,6 +29,7 @@ import yaml
 from stages.common.claude import ClaudeClient, ClaudeError, ClaudeRequest, ClaudeResult, Tool
 from stages.common.config import GenerateConfig
 from stages.common.io import InputError
+from stages.common.persona import system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,6 @@ class Synth:
 
 def generate_with_claude(cfg: GenerateConfig, cache_dir: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(sft_rows, dpo_rows, report) in the data contract's raw schemas, written by Claude via the request cache."""
-    from stages.generate import system_prompt
-
     client = ClaudeClient(cfg.anthropic, cache_dir)
     try:
         return Synth(cfg, client).run(system_prompt(cfg))

@@ -60,7 +60,7 @@ def test_stored_logps_equal_trls_own_precomputed(ws, tmp_path, max_length):
 
     p = _params(ws, max_seq_length=max_length)
     ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
-    stored = read_jsonl(ws / "data" / "reference" / "dpo_train.jsonl")
+    stored = read_jsonl(ws / "data" / "reference_logps" / "dpo_train.jsonl")
     if max_length == 36:  # most pairs truncated (keep_start, in TRL's collator)
         assert sum(r["prompt_tokens"] + r["chosen_tokens"] > 36 for r in stored) >= 4
 
@@ -89,14 +89,14 @@ def test_dpo_trains_on_stored_reference_without_reference_forward(ws, monkeypatc
     calls = _count_reference_forwards(monkeypatch)
     report = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     assert calls[0] == 0  # no reference forward: neither in training nor in the final evaluation
-    assert report["reference_sha256"] == hash_dir(ws / "models" / "sft-merged")
-    assert report["reference"] == str(ws / "models" / "sft-merged")
-    assert report["reference_logps"].startswith("stored")
+    assert report["sft_merged_sha256"] == hash_dir(ws / "models" / "sft-merged")
+    assert report["sft_merged"] == str(ws / "models" / "sft-merged")
+    assert report["ref_logps"].startswith("stored")
     assert report["final_loss"] < report["first_loss"] - 0.05, report
     assert report["eval_rewards_margins"] > 0 and report["peak_rss_mb"] > 0
     assert (ws / "models" / "dpo" / "adapter_config.json").exists()
     meta = json.loads((ws / "models" / "dpo" / "tuneforge.json").read_text())
-    assert meta["reference_sha256"] == report["reference_sha256"]
+    assert meta["sft_merged_sha256"] == report["sft_merged_sha256"]
     history = (ws / "reports" / "dpo_loss.csv").read_text().splitlines()
     assert history[0].startswith("step,loss") and len(history) > 5
 
@@ -110,7 +110,7 @@ def test_stored_reference_trains_like_trls_implicit_reference(ws, monkeypatch):
     stored_curve = (ws / "reports" / "dpo_loss.csv").read_text()
     calls = _count_reference_forwards(monkeypatch)
     shutil.rmtree(ws / "checkpoints")
-    online = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths, reference_mode="adapter")
+    online = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths, ref_logps="adapter")
     assert calls[0] > 0
     for a, b in zip(stored_curve.splitlines()[1:], (ws / "reports" / "dpo_loss.csv").read_text().splitlines()[1:],
                     strict=True):
@@ -125,7 +125,7 @@ def test_stale_reference_is_refused(ws):
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
     other.save_pretrained(ws / "models" / "sft-merged")
-    with pytest.raises(InputError, match=r"meta\.json: .*another reference_sha256.*dvc repro reference"):
+    with pytest.raises(InputError, match=r"tuneforge\.json: .*another sft_merged_sha256.*dvc repro reference"):
         dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     # another truncation length = other numbers
     ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
@@ -139,7 +139,7 @@ def test_stale_reference_is_refused(ws):
 
 def test_missing_inputs_name_the_file(ws):
     p = _params(ws)
-    with pytest.raises(InputError, match="data/reference: stored DPO reference log-probs not found"):
+    with pytest.raises(InputError, match="data/reference_logps: stored DPO reference log-probs not found"):
         dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
     (ws / "data" / "formatted" / "dpo_eval.jsonl").unlink()
     with pytest.raises(InputError, match="dpo_eval.jsonl"):

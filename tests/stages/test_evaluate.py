@@ -21,7 +21,7 @@ from stages.base import build_tokenizer
 from stages.common.config import load_params, parse_params
 from stages.common.engine import load_for_inference
 from stages.common.io import InputError, read_jsonl, write_jsonl
-from stages.common.logprobs import reference_response_logprobs
+from stages.common.logprobs import oracle_response_logprobs
 from stages.common.templates import LLAMA3
 from tests.training_workspace import dpo_pairs, sft_rows, tiny_model
 
@@ -120,10 +120,10 @@ def test_implicit_reward_matches_trl_dpo_evaluate(workspace, tmp_path):
     assert ours["implicit_reward_accuracy"] == pytest.approx(trl["eval_rewards/accuracies"], abs=1e-3)
     assert ours["logp_chosen"] == pytest.approx(trl["eval_logps/chosen"], abs=1e-3)
     assert ours["logp_rejected"] == pytest.approx(trl["eval_logps/rejected"], abs=1e-3)
-    assert report.metrics["sft"]["implicit_reward_margin"] == 0.0  # the reference against itself
+    assert report.metrics["sft"]["implicit_reward_margin"] == 0.0  # SFT measured against itself
 
 
-def test_reports_nested_by_model_and_margins_match_reference(workspace, tmp_path):
+def test_reports_nested_by_model_and_margins_match_oracle(workspace, tmp_path):
     params = _params(workspace, gates=NO_GATES)
     report = ev.run(params, loader=load_for_inference)
     reports = workspace / "reports"
@@ -142,12 +142,12 @@ def test_reports_nested_by_model_and_margins_match_reference(workspace, tmp_path
     samples = (reports / "samples.md").read_text()
     assert samples.count("## Prompt") == 2 and "**base:**" in samples and "**dpo:**" in samples
 
-    # the summed margin is the slow reference's, per pair, averaged
+    # the summed margin is the slow oracle's, per pair, averaged
     rows = read_jsonl(workspace / "data" / "formatted" / "dpo_eval.jsonl")
     model, tok = load_for_inference(workspace / "models" / "base")
     prompts = [r["prompt"] for r in rows]
-    c = reference_response_logprobs(model, tok, prompts, [r["chosen"] for r in rows])
-    r = reference_response_logprobs(model, tok, prompts, [r["rejected"] for r in rows])
+    c = oracle_response_logprobs(model, tok, prompts, [r["chosen"] for r in rows])
+    r = oracle_response_logprobs(model, tok, prompts, [r["rejected"] for r in rows])
     margins = np.array(c.logps) - np.array(r.logps)
     assert report.metrics["base"]["reward_margin"] == pytest.approx(margins.mean(), abs=1e-4)
     assert report.metrics["base"]["reward_accuracy"] == pytest.approx((margins > 0).mean())
