@@ -1,5 +1,7 @@
 """Typed view of params.yaml: parsed once, unknown keys are errors that name the key.
 
+Check params.yaml (schema, and that the files it lists exist) without running anything:
+    python -m stages.common.config
 Apply a preset (deep-merged over params.yaml):
     python -m stages.common.config --apply presets/recipe-llama-3.1-8b.yaml
 """
@@ -303,6 +305,23 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     return parse_params(read_yaml(path), path)
 
 
+def missing_files(params: Params) -> list[str]:
+    """One line per file params.yaml lists that does not exist (paths relative to the working directory)."""
+    listed = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(params.data.sources)]
+    if params.train.accelerate_config is not None:
+        listed.append(("train.accelerate_config", params.train.accelerate_config))
+    return [f"  {key}: file not found: {path}" for key, path in listed if not Path(path).is_file()]
+
+
+def check_params(path: Path | str = PARAMS_FILE) -> Params:
+    """load_params plus missing_files: what `python -m stages.common.config` checks; raises ParamsError."""
+    path = Path(path)
+    params = load_params(path)
+    if missing := missing_files(params):
+        raise ParamsError("\n".join([f"{path}: {len(missing)} invalid parameter(s)", *missing]))
+    return params
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Return base with override merged in; mappings merge, everything else replaces."""
     out = copy.deepcopy(base)
@@ -326,9 +345,13 @@ def main() -> None:
         args.params.write_text(yaml.safe_dump(data, sort_keys=False))
         print(f"applied {args.apply} to {args.params}")
     else:
-        parse_params(data, args.params)
+        check_params(args.params)
         print(f"{args.params}: ok")
 
 
 if __name__ == "__main__":
-    main()
+    # through the importable module, so its ParamsError is the class run_main reports in one line
+    from stages.common import config
+    from stages.common.io import run_main
+
+    run_main(config.main)
