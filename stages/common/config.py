@@ -64,9 +64,19 @@ class BaseConfig(Strict):
     seed: int = 0
 
 
+class PersonaExample(Strict):
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
 class PersonaConfig(Strict):
+    """The persona card. `style_guide` and `examples` go only to Claude (the persona-answer template's cached
+    system block and the judge's rubric): the training rows' system turn stays `You are {name}. {description}`."""
+
     name: str
     description: str
+    style_guide: str = ""  # how the persona writes: voice, register, reasoning moves, length, what it never does
+    examples: list[PersonaExample] = Field(default_factory=list)  # fixed worked examples (question -> answer)
 
 
 class ModelPrice(Strict):
@@ -231,14 +241,17 @@ class EvaluateConfig(Strict):
     max_sft_examples: int = Field(200, gt=0)
     samples: int = Field(4, ge=0)  # prompts in reports/samples.md
     style_prompts: int = Field(32, ge=0)  # held-out prompts each model answers for the style score; 0 = off
-    max_new_tokens: int = Field(96, gt=0)
+    # null = the 95th percentile of the held-out answers' token counts (end-of-turn included): answers that
+    # fit are not cut off; run.generation in eval.json counts those that hit the limit
+    max_new_tokens: int | None = Field(None, gt=0)
     seed: int = 3407
     embedding: Literal["minilm", "tfidf"] = "minilm"  # style-score embeddings; tfidf is also the fallback
     judge: Literal["none", "claude"] = "none"  # claude: pairwise win-rates through stages/common/claude.py
     judge_prompts: int = Field(20, ge=1)
     judge_model: str | None = None  # null = generate.anthropic.model (its prices and client settings apply)
     judge_max_tokens: int = Field(512, gt=0)
-    judge_temperature: float | None = Field(0.0, ge=0, le=1)  # null = the model's default
+    judge_temperature: float | None = Field(None, ge=0, le=1)  # null = the model's default (newer models reject others)
+    judge_max_failure_share: float = Field(0.05, ge=0, le=1)  # more failed judge requests than this fail the stage
     gates: GatesConfig = GatesConfig()
 
 
