@@ -140,6 +140,9 @@ class DataSource(Strict):
     path: Path
     kind: Literal["sft", "dpo"]
     format: DataFormat = "auto"
+    # the system turn given to this file's rows that have none: persona = the persona's system prompt (as
+    # generated rows carry), none = no system turn, any other text = that text. A row's own system turn is kept.
+    system_prompt: str = Field("persona", min_length=1)
 
 
 class DataConfig(Strict):

@@ -332,6 +332,35 @@ def test_stage_writes_clean_data_and_reports(tmp_path, tokenizer):
     assert result.report == report
 
 
+def test_each_user_file_chooses_its_system_prompt(tmp_path, tokenizer):
+    """data.sources[].system_prompt: persona (default) | none | "<text>"; a row's own system turn is kept."""
+    params = _params(tmp_path, tokenizer, [
+        {"path": str(FIXTURES / "sharegpt.jsonl"), "kind": "sft"},
+        {"path": str(FIXTURES / "openai.jsonl"), "kind": "sft", "system_prompt": "none"},
+        {"path": str(FIXTURES / "alpaca.json"), "kind": "sft", "system_prompt": "Answer in one line."},
+        {"path": str(FIXTURES / "preference.jsonl"), "kind": "dpo"},
+    ], eval_fraction=0.2)
+    persona = f"You are {params.generate.persona.name}. {params.generate.persona.description}"
+    result = run(params)
+    assert result.rejects == []
+    first = {}
+    for r in result.sft_train + result.sft_eval:
+        first.setdefault(Path(r["source"]).name, []).append(r["messages"][0])
+    for r in result.dpo_train + result.dpo_eval:
+        first.setdefault(Path(r["source"]).name, []).append(r["prompt"][0])
+
+    def system(name):
+        return sorted(m["content"] if m["role"] == "system" else "-" for m in first[name])
+
+    assert system("sharegpt.jsonl") == sorted([persona, "You are a cold strategist."])
+    assert system("openai.jsonl") == ["-", "Answer briefly and without sentiment."]
+    assert system("alpaca.json") == sorted(["Answer in one line.", "Answer in one line.", "You are terse."])
+    assert system("preference.jsonl") == sorted([persona, "You are terse."])
+    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    assert report["sources"][str(FIXTURES / "alpaca.json")]["system_prompt"] == "Answer in one line."
+    assert report["sources"][str(FIXTURES / "sharegpt.jsonl")]["system_prompt"] == "persona"
+
+
 def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
     raw_dir = tmp_path / "data" / "raw"
     raw_dir.mkdir(parents=True)
