@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from stages.common.config import DataSource, Params, ValidateConfig, load_params
 from stages.common.dedup import UnionFind, near_duplicate_pairs, semantic_duplicate_pairs, text_hash
 from stages.common.io import InputError, run_main, write_json, write_jsonl
 from stages.common.persona import system_prompt
+from stages.common.tables import markdown_table
 from stages.common.readers import (
     REQUIRED_KEYS,
     Kind,
@@ -435,19 +438,25 @@ def _summary(row: Any, width: int = 240) -> str:
 
 def render_markdown(result: ValidationResult) -> str:
     rep = result.report
+    sources = [
+        {"source": s, "format": v["format"], "system prompt": v.get("system_prompt", ""), "seen": v["seen"],
+         "kept": v["kept"], "rejected": v["rejected"]}
+        for s, v in rep["sources"].items()
+    ]
+    # rejects by source (rows) and reason (columns)
+    reasons = pd.DataFrame.from_dict({s: v["reasons"] for s, v in rep["sources"].items() if v["reasons"]},
+                                     orient="index").fillna(0).astype(int)
     lines = [
         "# Validation report",
         "",
         f"Seen {rep['seen']}, kept {rep['kept']}, rejected {rep['rejected']} ({rep['reject_share']:.1%}).",
         "",
-        "| source | format | seen | kept | rejected |",
-        "|---|---|---:|---:|---:|",
+        markdown_table(sources),
+        "",
+        markdown_table([{"split": k, "rows": v} for k, v in rep["split"].items()]),
     ]
-    lines += [
-        f"| {s} | {v['format']} | {v['seen']} | {v['kept']} | {v['rejected']} |"
-        for s, v in rep["sources"].items()
-    ]
-    lines += ["", "| split | rows |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rep["split"].items()]
+    if not reasons.empty:
+        lines += ["", markdown_table(reasons.sort_index(axis=1).rename_axis("rejected from").reset_index())]
     lines += ["", "## Rejects by reason", ""]
     for reason, n in sorted(rep["reasons"].items(), key=lambda kv: -kv[1]):
         lines += [f"### {reason} ({n})", ""]

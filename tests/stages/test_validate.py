@@ -359,6 +359,12 @@ def test_each_user_file_chooses_its_system_prompt(tmp_path, tokenizer):
     report = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert report["sources"][str(FIXTURES / "alpaca.json")]["system_prompt"] == "Answer in one line."
     assert report["sources"][str(FIXTURES / "sharegpt.jsonl")]["system_prompt"] == "persona"
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| source "))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["source", "format", "system prompt", "seen", "kept",
+                                                                "rejected"]
+    alpaca = next(line for line in md.splitlines() if "alpaca.json" in line)
+    assert [c.strip() for c in alpaca.strip("|").split("|")][1:] == ["alpaca", "Answer in one line.", "3", "3", "0"]
 
 
 def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
@@ -373,7 +379,13 @@ def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
         run(params)
     rejects = (tmp_path / "data" / "clean" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 5  # written before failing, for inspection
-    assert "### refusal (3)" in (tmp_path / "reports" / "validation.md").read_text()
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    assert "### refusal (3)" in md
+    # rejects by source (one row per file) and reason (one column each)
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| rejected from "))
+    assert [c.strip() for c in lines[at].strip("|").split("|")] == ["rejected from", "injection", "refusal"]
+    assert [c.strip() for c in lines[at + 2].strip("|").split("|")][1:] == ["2", "3"]
 
 
 @pytest.mark.slow
