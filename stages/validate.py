@@ -26,7 +26,6 @@ from stages.common.config import DataSource, Params, ValidateConfig, load_params
 from stages.common.dedup import UnionFind, near_duplicate_pairs, semantic_duplicate_pairs, text_hash
 from stages.common.io import InputError, run_main, write_json, write_jsonl
 from stages.common.persona import system_prompt
-from stages.common.tables import markdown_table
 from stages.common.readers import (
     REQUIRED_KEYS,
     Kind,
@@ -38,6 +37,7 @@ from stages.common.readers import (
     to_preference,
     with_default_system,
 )
+from stages.common.tables import markdown_table
 from stages.common.templates import TEMPLATES, load_base_tokenizer
 
 log = logging.getLogger(__name__)
