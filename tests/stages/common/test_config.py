@@ -75,20 +75,25 @@ def _check(tmp_path: Path, data: dict, module: str = "stages.common.config"):
                           timeout=120)
 
 
+def _error_lines(tmp_path: Path, data: dict, module: str = "stages.common.config") -> list[str]:
+    """stderr of a run that must fail as `run_main` fails: exit 2, no traceback."""
+    proc = _check(tmp_path, data, module)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.splitlines()
+
+
 def test_config_check_prints_one_line_per_error_like_a_stage(tmp_path):
     """`python -m stages.common.config`: no traceback, exit 2, the lines a stage run (`dvc repro`) prints."""
     data = read_yaml(ROOT / "params.yaml")
     data["sft"]["lora"]["rr"] = 16
     data["dpo"]["beta"] = "high"
-    check = _check(tmp_path, data)
-    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr
-    assert check.stderr.splitlines() == [
+    lines = _error_lines(tmp_path, data)
+    assert lines == [
         "error: params.yaml: 2 invalid parameter(s)",
         "  sft.lora.rr: unknown key (misspelt? see the schema in stages/common/config.py)",
         "  dpo.beta: Input should be a valid number, unable to parse string as a number (got 'high')",
     ]
-    stage = _check(tmp_path, data, "stages.generate")
-    assert stage.returncode == 2 and stage.stderr.splitlines() == check.stderr.splitlines()
+    assert _error_lines(tmp_path, data, "stages.generate") == lines
 
 
 def test_config_check_names_listed_files_that_do_not_exist(tmp_path):
@@ -97,9 +102,7 @@ def test_config_check_names_listed_files_that_do_not_exist(tmp_path):
     (tmp_path / "data" / "here.jsonl").write_text("{}\n")
     data["data"]["sources"] = [{"path": "data/here.jsonl", "kind": "sft"}, {"path": "data/gone.jsonl", "kind": "dpo"}]
     data["train"]["accelerate_config"] = "fsdp.yaml"
-    check = _check(tmp_path, data)
-    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr
-    assert check.stderr.splitlines() == [
+    assert _error_lines(tmp_path, data) == [
         "error: params.yaml: 2 invalid parameter(s)",
         "  data.sources.1.path: file not found: data/gone.jsonl",
         "  train.accelerate_config: file not found: fsdp.yaml",
