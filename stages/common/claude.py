@@ -129,7 +129,6 @@ class ClaudeRequest:
         chars = len(self.system) + len(json.dumps(self.messages)) + len(json.dumps(self.tool.input_schema))
         return chars // 4 + self.max_tokens
 
-
     @cached_property
     def prefix_key(self) -> str:
         """Identity of the cacheable prefix: model, tool and system (the breakpoint is on the system block)."""
@@ -332,7 +331,6 @@ class Accounting:
     saved_usd: float = 0.0  # what the cache hits would have cost again
     wall_s: float = 0.0
     unpriced_model: bool = False
-
     prompt_cache: dict[str, PrefixStats] = field(default_factory=dict)  # by template version
 
     def report(self, model: str, mode: str) -> dict[str, Any]:
