@@ -7,6 +7,11 @@ what was never answered. `mode: online` runs AsyncAnthropic with bounded concurr
 requests/min and tokens/min limits; `mode: batch` uses the Message Batches API and persists batch ids
 at once (`<cache_dir>/claude/batches.jsonl`) so a rerun resumes polling instead of resubmitting.
 
+Prompt caching is reported as the API does it: each distinct prefix (tools + system) is sized once with
+the free count_tokens endpoint, cache reads and writes come only from each answer's `usage`, and
+`report()["prompt_cache"]` says per template whether the prefix reached the model's caching minimum
+(CACHE_MIN_TOKENS). A 400 that names a request parameter (a `temperature` the model rejects) stops the run.
+
 The API key is read by the SDK from ANTHROPIC_API_KEY (never passed, stored or logged here);
 ANTHROPIC_BASE_URL points the client at any server speaking the Messages API.
 
