@@ -13,8 +13,13 @@ Metrics per model (definitions also in README):
 - style_score: mean over the model's own greedy answers to held-out prompts of
   cos(answer, chosen centroid) - cos(answer, rejected centroid); > 0 = closer to the persona.
 - judge_win_rate_vs_<baseline> (evaluate.judge: claude): Claude compares DPO vs SFT and SFT vs base answers
-  to held-out prompts, each pair in both orders at temperature 0; a win needs both orders to agree, anything
-  else is a tie; win-rate = (wins + ties / 2) / prompts. Cost goes to eval.json (`run.judge.cost`) and eval.md.
+  to held-out prompts, each pair in both orders (at evaluate.judge_temperature; null = the model's default); a
+  win needs both orders to agree, a disagreement is a tie; a prompt whose request failed in either order is
+  counted as failed, not as a tie; win-rate = (wins + ties / 2) / (prompts - failed). Failures by kind and the
+  cost go to eval.json (`run.judge`); above evaluate.judge_max_failure_share failed requests the stage fails
+  after writing the reports.
+Generations stop at evaluate.max_new_tokens, by default the 95th percentile of the held-out answers' token
+counts (end-of-turn included); eval.json's `run.generation` says how many answers per model hit that limit.
 A gate from `evaluate.gates` that fails makes the stage exit non-zero after the reports are written.
 """
 
@@ -24,6 +29,7 @@ import csv
 import gc
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +41,7 @@ import torch
 from stages.common.config import EvaluateConfig, GatesConfig, Params, load_params
 from stages.common.io import InputError, iter_jsonl, require, run_main, write_json
 from stages.common.logprobs import LogprobResult, Perplexity, pair_logprobs, perplexity
+from stages.common.persona import persona_card
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,10 @@ ModelLoader = Callable[[], tuple[Any, Any]]  # () -> (model, tokenizer)
 
 class GateError(RuntimeError):
     """An evaluation gate from params failed; the message names it."""
+
+
+class JudgeFailed(InputError):
+    """More judge requests failed than evaluate.judge_max_failure_share allows (reports are written first)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class ModelRun:
     rejected: LogprobResult
     ppl: Perplexity
     generations: list[str]
+    at_limit: int = 0  # generations that reached max_new_tokens without an end-of-turn token
 
 
 @dataclass
@@ -124,14 +136,46 @@ def read_sft_rows(path: Path, limit: int) -> list[SftRow]:
 
 # --------------------------------------------------------------------------- per-model work
 
+MAX_NEW_TOKENS_QUANTILE = 0.95  # evaluate.max_new_tokens: null = this quantile of held-out answer lengths
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvaluateConfig) -> list[str]:
+
+def answer_lengths(rows: Sequence[SftRow]) -> list[int]:
+    """Token count of every assistant turn (a run of assistant_masks, end-of-turn token included)."""
+    out = []
+    for row in rows:
+        n = 0
+        for m in [*row.assistant_masks, 0]:
+            if m:
+                n += 1
+            elif n:
+                out.append(n)
+                n = 0
+    return out
+
+
+def default_max_new_tokens(lengths: Sequence[int], quantile: float = MAX_NEW_TOKENS_QUANTILE) -> int:
+    """The generation budget that lets `quantile` of the held-out answers finish (end-of-turn included)."""
+    if not len(lengths):
+        raise InputError("no held-out assistant tokens to derive evaluate.max_new_tokens from; set it in params.yaml")
+    return max(1, int(np.ceil(np.quantile(np.asarray(lengths, dtype=float), quantile))))
+
+
+@dataclass
+class Generations:
+    texts: list[str]
+    at_limit: int  # answers that used all max_new_tokens without emitting the end-of-turn token
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvaluateConfig) -> Generations:
     """Greedy, seeded answers to rendered prompts (left-padded batches); special tokens stripped."""
+    if cfg.max_new_tokens is None:
+        raise ValueError("evaluate.max_new_tokens is unresolved: run() derives it (default_max_new_tokens)")
     torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     model.eval()
     answers = []
+    at_limit = 0
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     for start in range(0, len(encoded), cfg.batch_size):
         chunk = encoded[start : start + cfg.batch_size]
@@ -143,8 +187,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvaluateCo
                 input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=cfg.max_new_tokens,
                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
             )
-        answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-    return answers
+        new = out[:, width:]
+        at_limit += sum(len(o) == cfg.max_new_tokens and tokenizer.eos_token_id not in o.tolist() for o in new)
+        answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in new]
+    return Generations(answers, int(at_limit))
 
 
 def run_model(model: Any, tokenizer: Any, pairs: Sequence[Pair], sft_rows: Sequence[SftRow],
@@ -153,12 +199,14 @@ def run_model(model: Any, tokenizer: Any, pairs: Sequence[Pair], sft_rows: Seque
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chosen, rejected = pair_logprobs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                      [p.rejected for p in pairs], batch_size=bs)
+    gen = generate(model, tokenizer, prompts, cfg) if prompts else Generations([], 0)
     return ModelRun(
         chosen=chosen,
         rejected=rejected,
         ppl=perplexity(model, [(r.input_ids, r.assistant_masks) for r in sft_rows], batch_size=bs,
                        pad_token_id=pad),
-        generations=generate(model, tokenizer, prompts, cfg) if prompts else [],
+        generations=gen.texts,
+        at_limit=gen.at_limit,
     )
 
 
@@ -242,7 +290,7 @@ def _plain(text: str, specials: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- judge (optional)
 
 COMPARISONS = (("dpo", "sft"), ("sft", "base"))  # (candidate, baseline)
-JUDGE_TEMPLATE = "judge@1"
+JUDGE_TEMPLATE = "judge@2"
 JUDGE_TOOL_SCHEMA = {
     "type": "object",
     "properties": {
@@ -262,8 +310,9 @@ JUDGE_SYSTEM = (
 
 
 class ClaudeJudge:
-    """Pairwise judge: each (candidate, baseline) pair asked in both orders at temperature 0 through the
-    shared cached client; a verdict counts only when both orders agree, otherwise (or on failure) it is a tie."""
+    """Pairwise judge: each (candidate, baseline) pair asked in both orders through the shared cached client;
+    a verdict counts only when both orders agree, a disagreement is a tie, and a prompt whose request failed
+    in either order is `failed`: reported with its failure kinds, left out of the win-rate."""
 
     def __init__(self, client: Any, persona: str) -> None:
         from stages.common.claude import Tool
@@ -289,6 +338,7 @@ class ClaudeJudge:
                 asks.append((name, i, "ba", self._request(conv, b, a, f"{name}:{i}:ba")))
         results = self.client.run([r for *_, r in asks])
         verdicts: dict[tuple[str, int], dict[str, Any]] = {}
+        kinds: Counter[str] = Counter()
         for name, i, order, req in asks:
             res = results[req.key]
             winner = res.data["winner"] if res.ok else None
@@ -298,22 +348,40 @@ class ClaudeJudge:
             v = verdicts.setdefault((name, i), {})
             v[order] = named
             v[f"reason_{order}"] = res.data["reason"] if res.ok else res.failure
+            if not res.ok:
+                kinds[res.failure or "failed"] += 1
         out: dict[str, Any] = {}
         for (name, i), v in sorted(verdicts.items()):
-            agg = out.setdefault(name, {"prompts": 0, "wins": 0, "losses": 0, "ties": 0, "failed": 0,
+            agg = out.setdefault(name, {"prompts": 0, "judged": 0, "wins": 0, "losses": 0, "ties": 0, "failed": 0,
                                         "disagreements": 0, "verdicts": []})
             agg["prompts"] += 1
-            agg["failed"] += "failed" in (v["ab"], v["ba"])
+            agg["verdicts"].append({"prompt": i, **v})
+            if "failed" in (v["ab"], v["ba"]):
+                agg["failed"] += 1
+                continue
+            agg["judged"] += 1
             if v["ab"] == v["ba"] and v["ab"] in ("cand", "base"):
                 agg["wins" if v["ab"] == "cand" else "losses"] += 1
             else:
                 agg["ties"] += 1
                 agg["disagreements"] += v["ab"] != v["ba"]
-            agg["verdicts"].append({"prompt": i, **v})
         for agg in out.values():
-            agg["win_rate"] = (agg["wins"] + 0.5 * agg["ties"]) / agg["prompts"]
+            agg["win_rate"] = (agg["wins"] + 0.5 * agg["ties"]) / agg["judged"] if agg["judged"] else None
+        out["requests"] = len(asks)
+        out["failed_requests"] = sum(kinds.values())
+        out["failures"] = dict(sorted(kinds.items()))
+        out["failure_share"] = round(out["failed_requests"] / len(asks), 4) if asks else 0.0
         out["cost"] = self.client.report()
         return out
+
+
+def check_judge_failures(judged: Mapping[str, Any], max_share: float, report: Path) -> None:
+    """Raise JudgeFailed when more judge requests failed than evaluate.judge_max_failure_share allows."""
+    if judged["failure_share"] > max_share:
+        raise JudgeFailed(
+            f"judge: {judged['failed_requests']} of {judged['requests']} Claude requests failed "
+            f"({judged['failure_share']:.1%} > evaluate.judge_max_failure_share {max_share:.1%}): "
+            f"{judged['failures']}. Answered requests are cached; see {report} (run.judge)")
 
 
 # --------------------------------------------------------------------------- metrics and gates
@@ -399,7 +467,9 @@ def evaluate(
 
     metrics = {name: model_metrics(run, runs[IMPLICIT_ANCHOR], beta) for name, run in runs.items()}
     info: dict[str, Any] = {"pairs": len(pairs), "sft_examples": len(sft_rows), "beta": beta,
-                            "style_prompts": cfg.style_prompts if prompts else 0}
+                            "style_prompts": cfg.style_prompts if prompts else 0,
+                            "generation": {"prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+                                           "at_limit": {name: run.at_limit for name, run in runs.items()}}}
     if cfg.style_prompts and prompts:
         embedder = embedder or load_embedder(cfg.embedding)
         chosen = [_plain(p.chosen, specials) for p in pairs]
@@ -417,7 +487,7 @@ def evaluate(
         judged = judge([_plain(p, specials) for p in prompts[:n]],
                        {name: run.generations[:n] for name, run in runs.items()})
         for cand, base in COMPARISONS:
-            if f"{cand}_vs_{base}" in judged:
+            if judged.get(f"{cand}_vs_{base}", {}).get("win_rate") is not None:
                 metrics[cand][f"judge_win_rate_vs_{base}"] = judged[f"{cand}_vs_{base}"]["win_rate"]
         info["judge"] = judged
     samples = [{"prompt": prompts[i], **{name: run.generations[i] for name, run in runs.items()}}
@@ -456,8 +526,8 @@ def render_table(report: EvalReport) -> str:
             if name in j:
                 a = j[name]
                 notes.append(f"Judge {name.replace('_', ' ')}: {a['wins']} wins, {a['losses']} losses, {a['ties']} "
-                             f"ties ({a['disagreements']} order disagreements, {a['failed']} failed) over "
-                             f"{a['prompts']} prompts; win-rate counts ties as half.")
+                             f"ties ({a['disagreements']} order disagreements) over {a['judged']} judged prompts, "
+                             f"{a['failed']} of {a['prompts']} failed (left out); win-rate counts ties as half.")
         c = j["cost"]
         notes.append(f"Judge cost: {c['model']}, {c['requests']} requests ({c['cache_hits']} from cache), "
                      f"${c['cost_usd']:.4f}.")
@@ -499,6 +569,12 @@ def run(params: Params, loader: Callable[[Path], tuple[Any, Any]] | None = None,
     if loader is None:
         from stages.common.engine import load_for_inference as loader
     loaders = {name: (lambda d=d: loader(d)) for name, d in dirs.items()}
+    source = "evaluate.max_new_tokens"
+    if cfg.max_new_tokens is None:
+        lengths = answer_lengths(sft_rows)
+        cfg = cfg.model_copy(update={"max_new_tokens": default_max_new_tokens(lengths)})
+        source = f"{MAX_NEW_TOKENS_QUANTILE:.0%} quantile of {len(lengths)} held-out answers' token counts"
+    log.info("generations stop at %d new tokens (%s)", cfg.max_new_tokens, source)
     judge = None
     if cfg.judge == "claude":
         from stages.common.claude import ClaudeClient
@@ -506,9 +582,18 @@ def run(params: Params, loader: Callable[[Path], tuple[Any, Any]] | None = None,
         anthropic = params.generate.anthropic.model_copy(update={
             "model": cfg.judge_model or params.generate.anthropic.model,
             "max_tokens": cfg.judge_max_tokens, "temperature": cfg.judge_temperature})
-        judge = ClaudeJudge(ClaudeClient(anthropic, paths.cache), params.generate.persona.description)
+        # the whole persona card (style guide, worked examples) is the rubric, and a prefix worth caching
+        judge = ClaudeJudge(ClaudeClient(anthropic, paths.cache), persona_card(params.generate.persona))
     report = evaluate(loaders, pairs, sft_rows, cfg, params.dpo.beta, embedder, judge)
+    gen = report.info["generation"]
+    gen["max_new_tokens_from"] = source
+    for name, n in gen["at_limit"].items():
+        if n:
+            log.warning("%s: %d of %d generations stopped at max_new_tokens=%d (cut off)", name, n, gen["prompts"],
+                        cfg.max_new_tokens)
     write_reports(report, paths.reports)
+    if "judge" in report.info:
+        check_judge_failures(report.info["judge"], cfg.judge_max_failure_share, paths.reports / "eval.json")
     failed = [g for g in report.gates if not g.passed]
     if failed:
         raise GateError("evaluation gate(s) failed: " + "; ".join(f"{g.name} ({g.detail})" for g in failed))

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from stages.common.config import DataSource, Params, ValidateConfig, load_params
 from stages.common.dedup import UnionFind, near_duplicate_pairs, semantic_duplicate_pairs, text_hash
 from stages.common.io import InputError, run_main, write_json, write_jsonl
+from stages.common.persona import system_prompt
 from stages.common.readers import (
     REQUIRED_KEYS,
     Kind,
@@ -32,7 +35,9 @@ from stages.common.readers import (
     read_source,
     to_conversation,
     to_preference,
+    with_default_system,
 )
+from stages.common.tables import markdown_table
 from stages.common.templates import TEMPLATES, load_base_tokenizer
 
 log = logging.getLogger(__name__)
@@ -185,9 +190,10 @@ def _record(row: RawRow, used_ids: set[str]) -> Record:
         rid = f"{Path(row.source).stem}-{row.line}:{rid}"
     source = obj.get("source") if isinstance(obj.get("source"), str) else row.source
     if row.kind == "sft":
-        messages = to_conversation(obj, row.format)
+        messages = with_default_system(to_conversation(obj, row.format), row.system_prompt)
         return {"id": rid, "messages": messages, "source": source}
     prompt, chosen, rejected = to_preference(obj)
+    prompt = with_default_system(prompt, row.system_prompt)
     return {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}
 
 
@@ -432,19 +438,25 @@ def _summary(row: Any, width: int = 240) -> str:
 
 def render_markdown(result: ValidationResult) -> str:
     rep = result.report
+    sources = [
+        {"source": s, "format": v["format"], "system prompt": v.get("system_prompt", ""), "seen": v["seen"],
+         "kept": v["kept"], "rejected": v["rejected"]}
+        for s, v in rep["sources"].items()
+    ]
+    # rejects by source (rows) and reason (columns)
+    reasons = pd.DataFrame.from_dict({s: v["reasons"] for s, v in rep["sources"].items() if v["reasons"]},
+                                     orient="index").fillna(0).astype(int)
     lines = [
         "# Validation report",
         "",
         f"Seen {rep['seen']}, kept {rep['kept']}, rejected {rep['rejected']} ({rep['reject_share']:.1%}).",
         "",
-        "| source | format | seen | kept | rejected |",
-        "|---|---|---:|---:|---:|",
+        markdown_table(sources),
+        "",
+        markdown_table([{"split": k, "rows": v} for k, v in rep["split"].items()]),
     ]
-    lines += [
-        f"| {s} | {v['format']} | {v['seen']} | {v['kept']} | {v['rejected']} |"
-        for s, v in rep["sources"].items()
-    ]
-    lines += ["", "| split | rows |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rep["split"].items()]
+    if not reasons.empty:
+        lines += ["", markdown_table(reasons.sort_index(axis=1).rename_axis("rejected from").reset_index())]
     lines += ["", "## Rejects by reason", ""]
     for reason, n in sorted(rep["reasons"].items(), key=lambda kv: -kv[1]):
         lines += [f"### {reason} ({n})", ""]
@@ -502,11 +514,16 @@ def token_counter(tokenizer: Any, limit: int | None = None) -> TokenCounter:
 
 def sources(params: Params) -> list[DataSource]:
     raw = params.paths.raw
-    generated = [
-        DataSource(path=raw / "sft.jsonl", kind="sft", format="openai"),
-        DataSource(path=raw / "dpo.jsonl", kind="dpo", format="preference"),
+    generated = [  # generated rows carry the persona's system turn already
+        DataSource(path=raw / "sft.jsonl", kind="sft", format="openai", system_prompt="none"),
+        DataSource(path=raw / "dpo.jsonl", kind="dpo", format="preference", system_prompt="none"),
     ]
     return [s for s in generated if s.path.exists()] + list(params.data.sources)
+
+
+def source_system_prompt(src: DataSource, params: Params) -> str | None:
+    """data.sources[].system_prompt resolved: persona -> the persona's system prompt, none -> None, else the text."""
+    return {"persona": system_prompt(params.generate), "none": None}.get(src.system_prompt, src.system_prompt)
 
 
 def run(params: Params) -> ValidationResult:
@@ -520,7 +537,7 @@ def run(params: Params) -> ValidationResult:
             f"{params.paths.raw}/sft.jsonl: no input data (run `dvc repro generate` or set data.sources)"
         )
     for src in srcs:
-        fmt, part = read_source(src.path, src.kind, src.format)
+        fmt, part = read_source(src.path, src.kind, src.format, source_system_prompt(src, params))
         formats[str(src.path)] = fmt
         rows += part
     tokenizer, _ = load_base_tokenizer(params.paths.base, params.model.chat_template)
@@ -531,6 +548,8 @@ def run(params: Params) -> ValidationResult:
         control_strings(tokenizer, cfg.extra_control_strings),
         formats,
     )
+    for src in srcs:  # the report names each file's system-prompt choice
+        result.report["sources"][str(src.path)]["system_prompt"] = src.system_prompt
     clean = params.paths.clean
     for name in ("sft_train", "sft_eval", "dpo_train", "dpo_eval", "rejects"):
         write_jsonl(clean / f"{name}.jsonl", getattr(result, name))

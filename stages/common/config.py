@@ -1,5 +1,7 @@
 """Typed view of params.yaml: parsed once, unknown keys are errors that name the key.
 
+Check params.yaml (schema, and that the files it lists exist) without running anything:
+    python -m stages.common.config
 Apply a preset (deep-merged over params.yaml):
     python -m stages.common.config --apply presets/recipe-llama-3.1-8b.yaml
 """
@@ -62,9 +64,19 @@ class BaseConfig(Strict):
     seed: int = 0
 
 
+class PersonaExample(Strict):
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
 class PersonaConfig(Strict):
+    """The persona card. `style_guide` and `examples` go only to Claude (the persona-answer template's cached
+    system block and the judge's rubric): the training rows' system turn stays `You are {name}. {description}`."""
+
     name: str
     description: str
+    style_guide: str = ""  # how the persona writes: voice, register, reasoning moves, length, what it never does
+    examples: list[PersonaExample] = Field(default_factory=list)  # fixed worked examples (question -> answer)
 
 
 class ModelPrice(Strict):
@@ -128,6 +140,9 @@ class DataSource(Strict):
     path: Path
     kind: Literal["sft", "dpo"]
     format: DataFormat = "auto"
+    # the system turn given to this file's rows that have none: persona = the persona's system prompt (as
+    # generated rows carry), none = no system turn, any other text = that text. A row's own system turn is kept.
+    system_prompt: str = Field("persona", min_length=1)
 
 
 class DataConfig(Strict):
@@ -229,14 +244,17 @@ class EvaluateConfig(Strict):
     max_sft_examples: int = Field(200, gt=0)
     samples: int = Field(4, ge=0)  # prompts in reports/samples.md
     style_prompts: int = Field(32, ge=0)  # held-out prompts each model answers for the style score; 0 = off
-    max_new_tokens: int = Field(96, gt=0)
+    # null = the 95th percentile of the held-out answers' token counts (end-of-turn included): answers that
+    # fit are not cut off; run.generation in eval.json counts those that hit the limit
+    max_new_tokens: int | None = Field(None, gt=0)
     seed: int = 3407
     embedding: Literal["minilm", "tfidf"] = "minilm"  # style-score embeddings; tfidf is also the fallback
     judge: Literal["none", "claude"] = "none"  # claude: pairwise win-rates through stages/common/claude.py
     judge_prompts: int = Field(20, ge=1)
     judge_model: str | None = None  # null = generate.anthropic.model (its prices and client settings apply)
     judge_max_tokens: int = Field(512, gt=0)
-    judge_temperature: float | None = Field(0.0, ge=0, le=1)  # null = the model's default
+    judge_temperature: float | None = Field(None, ge=0, le=1)  # null = the model's default (newer models reject others)
+    judge_max_failure_share: float = Field(0.05, ge=0, le=1)  # more failed judge requests than this fail the stage
     gates: GatesConfig = GatesConfig()
 
 
@@ -303,6 +321,23 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     return parse_params(read_yaml(path), path)
 
 
+def missing_files(params: Params) -> list[str]:
+    """One line per file params.yaml lists that does not exist (paths relative to the working directory)."""
+    listed = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(params.data.sources)]
+    if params.train.accelerate_config is not None:
+        listed.append(("train.accelerate_config", params.train.accelerate_config))
+    return [f"  {key}: file not found: {path}" for key, path in listed if not Path(path).is_file()]
+
+
+def check_params(path: Path | str = PARAMS_FILE) -> Params:
+    """load_params plus missing_files: what `python -m stages.common.config` checks; raises ParamsError."""
+    path = Path(path)
+    params = load_params(path)
+    if missing := missing_files(params):
+        raise ParamsError("\n".join([f"{path}: {len(missing)} invalid parameter(s)", *missing]))
+    return params
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Return base with override merged in; mappings merge, everything else replaces."""
     out = copy.deepcopy(base)
@@ -326,9 +361,13 @@ def main() -> None:
         args.params.write_text(yaml.safe_dump(data, sort_keys=False))
         print(f"applied {args.apply} to {args.params}")
     else:
-        parse_params(data, args.params)
+        check_params(args.params)
         print(f"{args.params}: ok")
 
 
 if __name__ == "__main__":
-    main()
+    # through the importable module, so its ParamsError is the class run_main reports in one line
+    from stages.common import config
+    from stages.common.io import run_main
+
+    run_main(config.main)

@@ -162,8 +162,28 @@ def test_generations_are_deterministic(workspace):
     prompts = [r["prompt"] for r in read_jsonl(workspace / "data" / "formatted" / "dpo_eval.jsonl")][:3]
     assert ev.generate(model, tok, prompts, cfg) == ev.generate(model, tok, prompts, cfg)
     # batching (left padding) does not change greedy answers
-    one = [ev.generate(model, tok, [p], cfg)[0] for p in prompts]
-    assert one == ev.generate(model, tok, prompts, cfg)
+    one = [ev.generate(model, tok, [p], cfg).texts[0] for p in prompts]
+    assert one == ev.generate(model, tok, prompts, cfg).texts
+
+
+def test_generations_that_hit_max_new_tokens_are_counted(workspace):
+    model, tok = load_for_inference(workspace / "models" / "dpo")
+    prompts = [r["prompt"] for r in read_jsonl(workspace / "data" / "formatted" / "dpo_eval.jsonl")][:3]
+    cut = ev.generate(model, tok, prompts, _params(workspace, max_new_tokens=2).evaluate)
+    assert cut.at_limit == 3  # a random model does not end its answer within 2 tokens
+    # a model that always emits end-of-turn first never hits the limit
+    eot = SimpleNamespace(parameters=model.parameters, eval=model.eval, generate=lambda input_ids, **kw: torch.cat(
+        [input_ids, torch.full((len(input_ids), 1), tok.eos_token_id)], dim=1))
+    assert ev.generate(eot, tok, prompts, _params(workspace, max_new_tokens=2).evaluate).at_limit == 0
+
+
+def test_max_new_tokens_default_is_the_95th_percentile_of_held_out_answers():
+    rows = [ev.SftRow("a", [0] * 9, [0, 0, 1, 1, 1, 0, 0, 1, 1]), ev.SftRow("b", [0] * 4, [0, 1, 1, 1])]
+    assert ev.answer_lengths(rows) == [3, 2, 3]  # one length per assistant turn, end-of-turn included
+    assert ev.default_max_new_tokens(list(range(1, 101))) == 96  # ceil of the 95th percentile
+    assert ev.default_max_new_tokens([7]) == 7
+    with pytest.raises(InputError, match="evaluate.max_new_tokens"):
+        ev.default_max_new_tokens([])
 
 
 def test_gate_failure_names_gate_after_writing_reports(workspace):
@@ -270,7 +290,8 @@ class ScriptedClient:
 
 def test_judge_counts_only_order_consistent_verdicts():
     # prompt 0: candidate is answer 1 in "ab" and answer 2 in "ba" -> consistent win
-    # prompt 1: baseline wins in both orders; prompt 2: position bias (always 1) -> tie; prompt 3: failure -> tie
+    # prompt 1: baseline wins in both orders; prompt 2: position bias (always 1) -> tie
+    # prompt 3: a failed request -> failed, not a tie, and left out of the win-rate
     table = {0: {"ab": 1, "ba": 2}, 1: {"ab": 2, "ba": 1}, 2: {"ab": 1, "ba": 1}, 3: {"ab": None, "ba": 1}}
 
     def verdict(tag):
@@ -281,10 +302,19 @@ def test_judge_counts_only_order_consistent_verdicts():
     answers = {m: [f"{m} answer {i}" for i in range(4)] for m in ev.MODELS}
     out = judge(["q0", "q1", "q2", "q3"], answers)
     d = out["dpo_vs_sft"]
-    assert (d["wins"], d["losses"], d["ties"], d["failed"], d["disagreements"]) == (1, 1, 2, 1, 2)
-    assert d["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
+    assert (d["wins"], d["losses"], d["ties"], d["failed"], d["disagreements"], d["judged"]) == (1, 1, 1, 1, 1, 3)
+    assert d["win_rate"] == pytest.approx((1 + 0.5 * 1) / 3)
     s = out["sft_vs_base"]
     assert (s["wins"], s["losses"], s["ties"], s["disagreements"]) == (0, 0, 4, 0)
+    assert (out["requests"], out["failed_requests"], out["failures"]) == (16, 1, {"refusal": 1})
+    assert out["failure_share"] == pytest.approx(1 / 16, abs=1e-4)
+
+
+def test_judge_with_every_request_failed_has_no_win_rate():
+    out = ev.ClaudeJudge(ScriptedClient(lambda tag: None), "cold")(["q0", "q1"], {m: ["a", "b"] for m in ev.MODELS})
+    for name in ("dpo_vs_sft", "sft_vs_base"):
+        assert out[name]["failed"] == 2 and out[name]["judged"] == 0 and out[name]["win_rate"] is None
+    assert out["failure_share"] == 1.0
 
 
 def test_judge_request_puts_candidate_first_then_second():
@@ -304,7 +334,8 @@ def test_judge_request_puts_candidate_first_then_second():
 
 
 def test_judge_through_claude_client_and_test_server(workspace, tmp_path, claude_server):
-    params = _params(workspace, style_prompts=0, samples=1, judge="claude", judge_prompts=3, gates=NO_GATES)
+    params = _params(workspace, style_prompts=0, samples=1, judge="claude", judge_prompts=3, gates=NO_GATES,
+                     max_new_tokens=None)
     params = params.model_copy(update={"paths": params.paths.model_copy(update={"cache": tmp_path / "cache"})})
     bodies = []
     answer = claude_server.answer
@@ -319,9 +350,17 @@ def test_judge_through_claude_client_and_test_server(workspace, tmp_path, claude
     assert report.metrics["sft"]["judge_win_rate_vs_base"] == 0.5
     assert judged["cost"]["requests"] == 12 and judged["cost"]["cost_usd"] > 0
     assert claude_server.answered == 12 and len(bodies) == 12
-    assert all(b["temperature"] == 0.0 and b["tool_choice"]["name"] == "record_verdict" for b in bodies)
+    # judge_temperature defaults to null: the model's default, no temperature sent
+    assert all("temperature" not in b and b["tool_choice"]["name"] == "record_verdict" for b in bodies)
+    assert "persona:\nYou are x. y" in bodies[0]["system"][0]["text"]  # the persona card is the rubric
     table = (workspace / "reports" / "eval.md").read_text()
     assert "judge win-rate vs SFT" in table and "Judge cost:" in table
+    # evaluate.max_new_tokens: null is derived from the held-out answers, and cut-off answers are counted
+    rows = ev.read_sft_rows(workspace / "data" / "formatted" / "sft_eval.jsonl", 200)
+    gen = json.loads((workspace / "reports" / "eval.json").read_text())["run"]["generation"]
+    assert gen["max_new_tokens"] == ev.default_max_new_tokens(ev.answer_lengths(rows))
+    assert "quantile of 6 held-out answers" in gen["max_new_tokens_from"]
+    assert set(gen["at_limit"]) == set(ev.MODELS) and all(0 <= n <= 3 for n in gen["at_limit"].values())
     # a rerun pays for nothing: every verdict comes from the request cache
     again = ev.run(params, loader=load_for_inference).info["judge"]
     assert again["cost"]["cache_hits"] == 12 and claude_server.repeated_paid() == 0
@@ -353,3 +392,53 @@ def test_main_exit_codes_name_the_file_and_the_gate(workspace, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "sft_max_ppl_ratio" in proc.stderr.splitlines()[-1]
     assert (tmp_path / "reports" / "eval.json").exists()
+
+
+def test_judge_failures_are_counted_from_the_api_not_as_ties(tmp_path, claude_server):
+    from stages.common.claude import ClaudeClient
+    from stages.common.config import AnthropicConfig
+
+    claude_server.inject("refusal", times=None, match="refused-question")
+    client = ClaudeClient(AnthropicConfig(concurrency=2), tmp_path, progress=False)
+    out = ev.ClaudeJudge(client, "cold")(["q0", "refused-question", "q2"],
+                                         {m: [f"{m} {i}" for i in range(3)] for m in ev.MODELS})
+    assert (out["requests"], out["failed_requests"], out["failures"]) == (12, 4, {"refusal": 4})
+    d = out["dpo_vs_sft"]
+    assert (d["prompts"], d["failed"], d["judged"], d["ties"]) == (3, 1, 2, 2)  # q1 is failed, not a tie
+    assert d["win_rate"] == 0.5  # the server answers "1" in both orders: ties over the 2 judged prompts
+
+
+def test_run_writes_the_reports_then_fails_above_judge_max_failure_share(workspace, tmp_path, monkeypatch):
+    judged = {"requests": 12, "failed_requests": 12, "failures": {"refusal": 12}, "failure_share": 1.0,
+              "dpo_vs_sft": {"prompts": 3, "judged": 0, "wins": 0, "losses": 0, "ties": 0, "failed": 3,
+                             "disagreements": 0, "win_rate": None, "verdicts": []},
+              "cost": {"model": "m", "requests": 12, "cache_hits": 0, "cost_usd": 0.0}}
+    canned = ev.EvalReport(metrics={m: {"reward_margin": 0.0, "perplexity": 1.0} for m in ev.MODELS}, gates=[],
+                           samples=[], info={"pairs": 1, "sft_examples": 1, "beta": BETA, "judge": judged,
+                                             "generation": {"prompts": 0, "max_new_tokens": 8, "at_limit": {}}})
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: canned)
+    params = _params(workspace, gates=NO_GATES)
+    params = params.model_copy(update={"paths": params.paths.model_copy(update={"reports": tmp_path})})
+    with pytest.raises(ev.JudgeFailed, match=r"12 of 12 Claude requests failed .*judge_max_failure_share 5.0%"):
+        ev.run(params, loader=lambda d: None)
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["run"]["judge"]["failures"] == {"refusal": 12} and "judge_win_rate_vs_sft" not in written["dpo"]
+
+
+def test_judge_failure_share_threshold():
+    judged = {"failure_share": 0.05, "failed_requests": 1, "requests": 20, "failures": {"timeout": 1}}
+    ev.check_judge_failures(judged, 0.05, Path("eval.json"))  # at the limit: passes
+    with pytest.raises(ev.JudgeFailed, match=r"1 of 20 .*\{'timeout': 1\}"):
+        ev.check_judge_failures(judged, 0.04, Path("eval.json"))
+
+
+def test_judge_stops_at_once_on_a_rejected_parameter(tmp_path, claude_server):
+    from stages.common.claude import ClaudeClient, ClaudeFatalError
+    from stages.common.config import AnthropicConfig
+
+    claude_server.reject_param("temperature")
+    client = ClaudeClient(AnthropicConfig(temperature=0.0, concurrency=2), tmp_path, progress=False)
+    judge = ev.ClaudeJudge(client, "cold")
+    with pytest.raises(ClaudeFatalError, match="deprecated for this model.*judge_temperature"):
+        judge([f"q{i}" for i in range(5)], {m: [f"{m} {i}" for i in range(5)] for m in ev.MODELS})
+    assert claude_server.arrivals <= 3 and claude_server.answered == 0  # not all 20, nothing retried

@@ -332,6 +332,41 @@ def test_stage_writes_clean_data_and_reports(tmp_path, tokenizer):
     assert result.report == report
 
 
+def test_each_user_file_chooses_its_system_prompt(tmp_path, tokenizer):
+    """data.sources[].system_prompt: persona (default) | none | "<text>"; a row's own system turn is kept."""
+    params = _params(tmp_path, tokenizer, [
+        {"path": str(FIXTURES / "sharegpt.jsonl"), "kind": "sft"},
+        {"path": str(FIXTURES / "openai.jsonl"), "kind": "sft", "system_prompt": "none"},
+        {"path": str(FIXTURES / "alpaca.json"), "kind": "sft", "system_prompt": "Answer in one line."},
+        {"path": str(FIXTURES / "preference.jsonl"), "kind": "dpo"},
+    ], eval_fraction=0.2)
+    persona = f"You are {params.generate.persona.name}. {params.generate.persona.description}"
+    result = run(params)
+    assert result.rejects == []
+    first = {}
+    for r in result.sft_train + result.sft_eval:
+        first.setdefault(Path(r["source"]).name, []).append(r["messages"][0])
+    for r in result.dpo_train + result.dpo_eval:
+        first.setdefault(Path(r["source"]).name, []).append(r["prompt"][0])
+
+    def system(name):
+        return sorted(m["content"] if m["role"] == "system" else "-" for m in first[name])
+
+    assert system("sharegpt.jsonl") == sorted([persona, "You are a cold strategist."])
+    assert system("openai.jsonl") == ["-", "Answer briefly and without sentiment."]
+    assert system("alpaca.json") == sorted(["Answer in one line.", "Answer in one line.", "You are terse."])
+    assert system("preference.jsonl") == sorted([persona, "You are terse."])
+    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    assert report["sources"][str(FIXTURES / "alpaca.json")]["system_prompt"] == "Answer in one line."
+    assert report["sources"][str(FIXTURES / "sharegpt.jsonl")]["system_prompt"] == "persona"
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| source "))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["source", "format", "system prompt", "seen", "kept",
+                                                                "rejected"]
+    alpaca = next(line for line in md.splitlines() if "alpaca.json" in line)
+    assert [c.strip() for c in alpaca.strip("|").split("|")][1:] == ["alpaca", "Answer in one line.", "3", "3", "0"]
+
+
 def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
     raw_dir = tmp_path / "data" / "raw"
     raw_dir.mkdir(parents=True)
@@ -344,7 +379,13 @@ def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
         run(params)
     rejects = (tmp_path / "data" / "clean" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 5  # written before failing, for inspection
-    assert "### refusal (3)" in (tmp_path / "reports" / "validation.md").read_text()
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    assert "### refusal (3)" in md
+    # rejects by source (one row per file) and reason (one column each)
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| rejected from "))
+    assert [c.strip() for c in lines[at].strip("|").split("|")] == ["rejected from", "injection", "refusal"]
+    assert [c.strip() for c in lines[at + 2].strip("|").split("|")][1:] == ["2", "3"]
 
 
 @pytest.mark.slow

@@ -62,3 +62,52 @@ def test_missing_params_file_is_named(tmp_path):
 
 def test_deep_merge_merges_mappings_and_replaces_the_rest():
     assert deep_merge({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}, "d": 1}
+
+
+def _check(tmp_path: Path, data: dict, module: str = "stages.common.config"):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _error_lines(tmp_path: Path, data: dict, module: str = "stages.common.config") -> list[str]:
+    """stderr of a run that must fail as `run_main` fails: exit 2, no traceback."""
+    proc = _check(tmp_path, data, module)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.splitlines()
+
+
+def test_config_check_prints_one_line_per_error_like_a_stage(tmp_path):
+    """`python -m stages.common.config`: no traceback, exit 2, the lines a stage run (`dvc repro`) prints."""
+    data = read_yaml(ROOT / "params.yaml")
+    data["sft"]["lora"]["rr"] = 16
+    data["dpo"]["beta"] = "high"
+    lines = _error_lines(tmp_path, data)
+    assert lines == [
+        "error: params.yaml: 2 invalid parameter(s)",
+        "  sft.lora.rr: unknown key (misspelt? see the schema in stages/common/config.py)",
+        "  dpo.beta: Input should be a valid number, unable to parse string as a number (got 'high')",
+    ]
+    assert _error_lines(tmp_path, data, "stages.generate") == lines
+
+
+def test_config_check_names_listed_files_that_do_not_exist(tmp_path):
+    data = read_yaml(ROOT / "params.yaml")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "here.jsonl").write_text("{}\n")
+    data["data"]["sources"] = [{"path": "data/here.jsonl", "kind": "sft"}, {"path": "data/gone.jsonl", "kind": "dpo"}]
+    data["train"]["accelerate_config"] = "fsdp.yaml"
+    assert _error_lines(tmp_path, data) == [
+        "error: params.yaml: 2 invalid parameter(s)",
+        "  data.sources.1.path: file not found: data/gone.jsonl",
+        "  train.accelerate_config: file not found: fsdp.yaml",
+    ]
+    data["data"]["sources"].pop()
+    data["train"]["accelerate_config"] = None
+    ok = _check(tmp_path, data)
+    assert ok.returncode == 0 and ok.stdout.strip() == "params.yaml: ok", ok.stderr
