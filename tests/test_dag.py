@@ -60,9 +60,10 @@ def test_dvclive_metrics_are_dvc_metrics_and_experiment_columns(repo):
         live = metrics[f"dvclive/{stage}/metrics.json"]["data"]
         assert live["step"] > 0 and live["train"]["loss"] > 0 and live["eval"]["loss"] > 0
     assert "rewards" in metrics["dvclive/dpo/metrics.json"]["data"]["eval"]  # margins, accuracies ...
-    table = dvc("exp", "show", "--md", "--drop", ".*", "--keep", r"Experiment|train\.loss|eval\.rewards\.margins",
+    table = dvc("exp", "show", "--md", "--drop", ".*", "--keep", r"Experiment|.*:(train|eval)\.loss|eval\.rewards\.margins",
                 cwd=repo).stdout
-    assert "train.loss" in table and "eval.rewards.margins" in table
+    for column in ("dvclive/sft/metrics.json:train.loss", "dvclive/dpo/metrics.json:eval.loss", "eval.rewards.margins"):
+        assert column in table, table
 
 
 def plot_data(shown: dict, name: str) -> list[dict]:
@@ -76,8 +77,9 @@ def test_plots_show_draws_every_curve_offline_in_chromium(repo, tmp_path):
     shown = json.loads(dvc("plots", "show", "--json", cwd=repo).stdout)
     assert set(CURVES) <= set(shown["data"]) and "reports/margins.csv" in shown["data"]
     sft_loss = plot_data(shown, "SFT loss")
-    assert {row["filename"].rsplit("/", 2)[-2] for row in sft_loss} == {"train", "eval"}  # both on one chart
-    steps = [int(row["step"]) for row in sft_loss if "/train/" in row["filename"]]
+    split = [row["filename"].split("/")[-2] for row in sft_loss]  # .../train/loss.tsv, .../eval/loss.tsv
+    assert set(split) == {"train", "eval"}  # both on one chart
+    steps = [int(row["step"]) for row, s in zip(sft_loss, split, strict=True) if s == "train"]
     assert steps == sorted(steps) and len(steps) >= 10
     margins = {row["model"]: float(row["reward_margin"]) for row in plot_data(shown, "reports/margins.csv")}
     assert margins == pytest.approx({m: v["reward_margin"] for m, v in

@@ -126,6 +126,10 @@ def _live_callback(folder: Path) -> Any:
                 from dvclive import Live
 
                 self.live = Live(dir=str(folder), dvcyaml=None, save_dvc_exp=False)
+                if "data" in getattr(self.live, "_studio_events_to_skip", ()):
+                    # No DVC Studio configured: DVCLive would still re-read params.yaml and every curve so far at
+                    # each step to build the update it then drops (quadratic in the steps logged).
+                    self.live.post_data_to_studio = lambda: None
             super().setup(args, state, model)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -153,8 +157,8 @@ def _live_callback(folder: Path) -> Any:
     return LiveCallback()
 
 
-def report_to_trackers(trainer: Any, paths: PathsConfig, stage: str, key: str) -> Path:
-    """Point the integrations TRL set up from report_to at the stage's folders; returns DVCLive's.
+def report_to_trackers(trainer: Any, paths: PathsConfig, stage: str, key: str) -> None:
+    """Point the integrations TRL set up from report_to at the stage's folders.
 
     DVCLive (the default) writes step metrics to paths.dvclive/<stage> (plots/metrics/{train,eval}/*.tsv and the
     latest values in metrics.json); TensorBoard writes to paths.tensorboard/<stage>/<run key> unless
@@ -177,7 +181,6 @@ def report_to_trackers(trainer: Any, paths: PathsConfig, stage: str, key: str) -
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text("{}\n")
         log.info("report_to has no dvclive: %s holds no curves", folder)
-    return folder
 
 
 def file_digest(*paths: Path) -> str:
