@@ -75,10 +75,14 @@ def set_params(repo: Path, overrides: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
 
 
+# Files `make install` builds into the checkout (git-ignored), which a copy of the project needs as well
+INSTALLED = [".dvc/plots/offline.html"]
+
+
 def make_repo(dest: Path, overrides: dict[str, Any] | None = REDUCED) -> Path:
     """Copy the project's files (not tests, not outputs) into dest as a fresh git repo with one commit."""
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in tracked_files():
+    for rel in tracked_files() + [f for f in INSTALLED if (ROOT / f).is_file()]:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((ROOT / rel).read_bytes())
@@ -95,3 +99,28 @@ def make_repo(dest: Path, overrides: dict[str, Any] | None = REDUCED) -> Path:
 def stages_run(output: str) -> list[str]:
     """Names of the stages a `dvc repro` log says it ran."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def fake_outputs(repo: Path) -> None:
+    """Placeholder files for every declared output (and the files stages read inside them), so `dvc commit` can
+    record a finished pipeline without running it: for tests of what DVC reruns."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths = yaml.safe_load((repo / "params.yaml").read_text())["paths"]
+
+    def resolve(name: str) -> str:
+        for key, value in paths.items():
+            name = name.replace("${paths." + key + "}", str(value))
+        return name
+
+    outs = [resolve(next(iter(o)) if isinstance(o, dict) else o) for stage in spec["stages"].values()
+            for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    inside = [resolve(d) for stage in spec["stages"].values() for d in stage.get("deps", [])
+              if any(resolve(d).startswith(out + "/") for out in outs)]
+    for name in outs + inside:
+        target = repo / name
+        if Path(name).suffix:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}\n")
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "placeholder").write_text("x\n")

@@ -9,6 +9,7 @@ test process.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -131,6 +132,12 @@ def run_stage(module: str, cwd: Path, check: bool = True, timeout: float = 600,
     if check and result.returncode != 0:
         raise AssertionError(f"python -m {module} failed ({result.returncode}):\n{result.stdout[-6000:]}")
     return result
+
+
+def curve(live: Path, metric: str) -> dict[int, float]:
+    """step -> value of one DVCLive metric (e.g. train/loss) a stage logged into its folder (paths.dvclive/<stage>)."""
+    with (live / "plots" / "metrics" / f"{metric}.tsv").open() as fh:
+        return {int(r["step"]): float(r[metric.rsplit("/", 1)[-1]]) for r in csv.DictReader(fh, delimiter="\t")}
 
 
 def run_python(code: str, cwd: Path, timeout: float = 300) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -33,6 +34,8 @@ class PathsConfig(Strict):
     sft_merged: Path
     dpo: Path
     reference_logps: Path = Path("data/reference_logps")  # the `reference` stage's stored DPO reference log-probs
+    dvclive: Path = Path("dvclive")  # DVCLive's step metrics of sft and dpo (<dvclive>/<stage>), a DVC output
+    tensorboard: Path = Path("runs")  # TensorBoard event files (<tensorboard>/<stage>/<run key>) when reported to
     checkpoints: Path
     reports: Path
     cache: Path
@@ -191,6 +194,32 @@ class PartialConfig(Strict):
     last_n_blocks: int = Field(1, gt=0)
 
 
+# Keys of sft.trainer / dpo.trainer that the stage sets itself, and where to set them instead. Every other key goes
+# to TRL's own config class (trl.SFTConfig / trl.DPOConfig), which validates it.
+OWNED_TRAINER_KEYS = {
+    "output_dir": "checkpoints go to paths.checkpoints/<stage>/<run key>: set paths.checkpoints",
+    "max_length": "set model.max_seq_length",
+    "use_cpu": "the stage trains on a CUDA device when there is one: hide it with CUDA_VISIBLE_DEVICES= for the CPU",
+    "resume_from_checkpoint": "the stage resumes from its own last complete checkpoint by itself",
+    "hub_token": "a secret never goes into params.yaml: set HF_TOKEN or log in with `hf auth login`",
+}
+SFT_OWNED_KEYS = {**OWNED_TRAINER_KEYS, "assistant_only_loss": "set sft.assistant_only_loss"}
+DPO_OWNED_KEYS = {
+    **OWNED_TRAINER_KEYS,
+    "beta": "set dpo.beta",
+    "precompute_ref_log_probs": "the `reference` stage computes and stores them (paths.reference_logps)",
+    "precompute_ref_batch_size": "set reference.batch_size",
+}
+
+
+def refuse_owned_keys(trainer: dict[str, Any], section: str, owned: dict[str, str]) -> dict[str, Any]:
+    """A trainer section without the keys its stage owns; else one error naming each key and where it goes."""
+    found = [f"{section}.{key}: set by the stage, not here ({owned[key]})" for key in trainer if key in owned]
+    if found:
+        raise PydanticCustomError("owned_key", "\n".join(found))
+    return trainer
+
+
 Engine = Literal["unsloth", "transformers", "auto"]
 Method = Literal["lora", "qlora", "full", "partial"]
 
@@ -202,7 +231,12 @@ class SftConfig(Strict):
     lora: LoraConfig = LoraConfig()
     quantization: QuantizationConfig = QuantizationConfig()
     partial: PartialConfig = PartialConfig()
-    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.SFTConfig
+    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.SFTConfig; report_to: [dvclive] unless set
+
+    @field_validator("trainer")
+    @classmethod
+    def _stage_keys(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        return refuse_owned_keys(trainer, "sft.trainer", SFT_OWNED_KEYS)
 
 
 class MergeConfig(Strict):
@@ -219,7 +253,12 @@ class ReferenceConfig(Strict):
 class DpoConfig(Strict):
     beta: float = Field(0.1, gt=0)
     lora: LoraConfig = LoraConfig(r=8, alpha=16)
-    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig
+    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig; report_to: [dvclive] unless set
+
+    @field_validator("trainer")
+    @classmethod
+    def _stage_keys(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        return refuse_owned_keys(trainer, "dpo.trainer", DPO_OWNED_KEYS)
 
 
 class TrainConfig(Strict):
@@ -285,16 +324,18 @@ class ParamsError(ValueError):
 
 
 def _describe(err: ValidationError, source: Path) -> str:
-    lines = [f"{source}: {len(err.errors())} invalid parameter(s)"]
+    lines: list[str] = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "owned_key":  # the message names the full key(s) itself
+            lines += [f"  {line.strip()}" for line in e["msg"].splitlines()]
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (misspelt? see the schema in stages/common/config.py)")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    return "\n".join([f"{source}: {len(lines)} invalid parameter(s)", *lines])
 
 
 def parse_params(data: dict[str, Any], source: Path = PARAMS_FILE) -> Params:

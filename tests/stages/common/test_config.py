@@ -22,11 +22,46 @@ def test_shipped_params_load():
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads_and_trl_accepts_its_trainer_sections(preset):
+    """As the stages build them: trl_config, the user's section plus the keys the stage owns."""
     from trl import DPOConfig, SFTConfig
 
+    from stages.common.training import trl_config
+
     params = parse_params(deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(preset)), preset)
-    SFTConfig(output_dir="/tmp/unused", use_cpu=True, **params.sft.trainer)
-    DPOConfig(output_dir="/tmp/unused", use_cpu=True, beta=params.dpo.beta, **params.dpo.trainer)
+    sft = trl_config(SFTConfig, "sft.trainer", params.sft.trainer, output_dir="/tmp/unused", use_cpu=True,
+                     max_length=params.model.max_seq_length)
+    dpo = trl_config(DPOConfig, "dpo.trainer", params.dpo.trainer, output_dir="/tmp/unused", use_cpu=True,
+                     beta=params.dpo.beta, max_length=params.model.max_seq_length)
+    assert "dvclive" in sft.report_to and "dvclive" in dpo.report_to
+
+
+@pytest.mark.parametrize(("section", "key", "where"), [
+    ("sft", "output_dir", "paths.checkpoints"), ("sft", "max_length", "model.max_seq_length"),
+    ("sft", "use_cpu", "CUDA_VISIBLE_DEVICES"), ("sft", "assistant_only_loss", "sft.assistant_only_loss"),
+    ("sft", "hub_token", "HF_TOKEN"), ("dpo", "beta", "dpo.beta"), ("dpo", "max_length", "model.max_seq_length"),
+    ("dpo", "precompute_ref_log_probs", "the `reference` stage"),
+    ("dpo", "precompute_ref_batch_size", "reference.batch_size"),
+])
+def test_keys_the_stage_owns_are_refused_naming_where_to_set_them(section, key, where):
+    data = read_yaml(ROOT / "params.yaml")
+    data[section]["trainer"][key] = 1
+    with pytest.raises(ParamsError) as err:
+        parse_params(data)
+    message = str(err.value)
+    assert f"1 invalid parameter(s)\n  {section}.trainer.{key}: set by the stage" in message
+    assert where in message and "Traceback" not in message
+
+
+def test_every_owned_key_is_one_trl_knows():
+    """A refused key is one TRL would take (not a typo of ours); the rest of TRL's fields pass through."""
+    import dataclasses
+
+    from trl import DPOConfig, SFTConfig
+
+    from stages.common.config import DPO_OWNED_KEYS, SFT_OWNED_KEYS
+
+    assert set(SFT_OWNED_KEYS) <= {f.name for f in dataclasses.fields(SFTConfig)}
+    assert set(DPO_OWNED_KEYS) <= {f.name for f in dataclasses.fields(DPOConfig)}
 
 
 def test_recipe_preset_is_the_reference_recipe():
