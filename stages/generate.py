@@ -29,7 +29,7 @@ def resolve_provider(cfg: GenerateConfig) -> str:
 
 
 def system_prompt(cfg: GenerateConfig) -> str:
-    return f"You are {cfg.persona.name}. {cfg.persona.description}"
+    return cfg.persona.system_prompt
 
 
 def generate_offline(cfg: GenerateConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.repo import dvc, make_repo, set_params, stages_run
 
-ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate"]
+ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export"]
 
 pytestmark = pytest.mark.slow
 

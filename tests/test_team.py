@@ -25,7 +25,7 @@ from tests.repo import MINIMAL, dvc, make_repo, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
-ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate"]
+ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export"]
 EXP = "beta-half"  # member B's experiment: dpo.beta 0.1 -> 0.5
 
 TEAM = MINIMAL
