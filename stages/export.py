@@ -138,13 +138,13 @@ def agreement(reference: list[Answer], logprobs: list[list[float]], top1: list[l
 # --------------------------------------------------------------------------- the Hugging Face model
 
 
-def save_final(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype, meta: dict[str, Any]) -> None:
+def save_model(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype) -> None:
+    """model (cast to dtype, in place) and tokenizer into a fresh folder; EOS includes the end-of-turn token."""
     if out.exists():
         shutil.rmtree(out)
     set_end_of_turn_eos(model.generation_config, tokenizer)
     model.to(dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_meta(out, stage="export", **meta)
 
 
 @torch.no_grad()
@@ -439,29 +439,29 @@ def export(params: Params, lock: Path = Path("dvc.lock")) -> dict[str, Any]:
     merged = model.merge_and_unload()
     n_ctx = int(merged.config.max_position_embeddings)
     final = paths.final
-    save_final(merged, tokenizer, final, dtype, {"base": str(paths.sft_merged), "adapter": str(paths.dpo),
-                                                  "adapter_sha256": hash_dir(paths.dpo)})
+    staging = tempfile.TemporaryDirectory()  # GGUFs convert from the fp32 merge, never from a 16-bit copy
+    src = final if dtype == torch.float32 or not cfg.gguf else Path(staging.name) / "fp32"
+    if src != final:
+        save_model(merged, tokenizer, src, torch.float32)
+    save_model(merged, tokenizer, final, dtype)
+    write_meta(final, stage="export", base=str(paths.sft_merged), adapter=str(paths.dpo),
+               adapter_sha256=hash_dir(paths.dpo))
     report: dict[str, Any] = {"dtype": dtype_name, "samples": len(samples),
                               "positions": sum(len(a.ids) for a in reference),
                               "reference_stopped": sum(a.stopped for a in reference), "formats": {}}
     report["formats"][f"hf-{dtype_name}"] = check_hf(final, tokenizer, samples, reference, cfg.tolerance[dtype_name],
                                                      cfg.max_new_tokens)
     timings["hf"] = round(time.perf_counter() - started - timings["reference"], 2)
+    with staging:
+        for outtype in cfg.gguf:
+            t0 = time.perf_counter()
+            file = gguf_path(final, params.generate.persona.name, outtype)
+            pre = convert_gguf(src, file, outtype, cfg.pre_tokenizer, params.generate.persona.name)
+            log.info("%s: tokenizer.ggml.pre = %r", file, pre)
+            result = check_gguf(file, tokenizer, samples, reference, cfg.tolerance[outtype], n_ctx)
+            report["formats"][f"gguf-{outtype}"] = {**result, "pre_tokenizer": pre}
+            timings[outtype] = round(time.perf_counter() - t0, 2)
     if cfg.gguf:
-        with tempfile.TemporaryDirectory() as tmp:
-            src = final
-            if dtype != torch.float32:  # convert from the fp32 merge, not from the 16-bit copy
-                src = Path(tmp)
-                merged.to(torch.float32).save_pretrained(src)
-                tokenizer.save_pretrained(src)
-            for outtype in cfg.gguf:
-                t0 = time.perf_counter()
-                file = gguf_path(final, params.generate.persona.name, outtype)
-                pre = convert_gguf(src, file, outtype, cfg.pre_tokenizer, params.generate.persona.name)
-                log.info("%s: tokenizer.ggml.pre = %r", file, pre)
-                result = check_gguf(file, tokenizer, samples, reference, cfg.tolerance[outtype], n_ctx)
-                report["formats"][f"gguf-{outtype}"] = {**result, "pre_tokenizer": pre}
-                timings[outtype] = round(time.perf_counter() - t0, 2)
         chosen = next((t for t in ("q8_0", "f16") if t in cfg.gguf), cfg.gguf[0])
         template = ollama_template(tokenizer)
         if template is None:

@@ -34,6 +34,7 @@ from stages.common.engine import (
     write_meta,
 )
 from stages.common.io import InputError, require, run_main, write_json
+from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import load_rows
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def merge_and_unload(model: Any) -> Any:
 def save(model: Any, tokenizer: Any, out: Path, base: Path, method: str) -> None:
     if out.exists():
         shutil.rmtree(out)
+    set_end_of_turn_eos(model.generation_config, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_meta(out, stage="merge", base=str(base), method=method)

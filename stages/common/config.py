@@ -263,7 +263,7 @@ def _default_tolerances() -> dict[str, Tolerance]:
         "float32": Tolerance(max_logprob_diff=1e-3, min_margin=0.0),
         "float16": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
         "bfloat16": Tolerance(max_logprob_diff=0.25, min_margin=0.5),
-        "f32": Tolerance(max_logprob_diff=0.01, min_margin=0.02),
+        "f32": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
         "f16": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
         "bf16": Tolerance(max_logprob_diff=0.25, min_margin=0.5),
         "q8_0": Tolerance(max_logprob_diff=0.5, min_margin=0.25),

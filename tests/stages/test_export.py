@@ -341,3 +341,17 @@ def test_push_without_a_token_names_the_fix(exported, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty login store
     with pytest.raises(ex.InputError, match="HF_TOKEN"):
         ex.push(exported / "models" / "final", "someone/vex")
+
+
+def test_a_16_bit_export_still_converts_from_the_fp32_merge(exported, tmp_path):
+    """export.dtype float16: the HF copy is float16 (checked against its own tolerance), and the q8_0 GGUF is
+    byte-identical to the fp32 export's: it was quantized from the fp32 merge, not from the 16-bit copy."""
+    from tests.export_workspace import exported as run_export
+
+    root = tmp_path / "ws16"
+    shutil.copytree(exported, root, ignore=shutil.ignore_patterns("final"))
+    rep = run_export(root, dtype="float16", gguf=["q8_0"])
+    assert rep["passed"] and rep["formats"]["hf-float16"]["dtype"] == "float16"
+    assert rep["formats"]["hf-float16"]["max_logprob_diff"] > rep["formats"]["hf-float16"]["tolerance"]["max_logprob_diff"] / 1e4
+    name = "vex-q8_0.gguf"
+    assert (root / "models/final" / name).read_bytes() == (exported / "models/final" / name).read_bytes()
