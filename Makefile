@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # torch==2.13.0 resolves to the CPU build on the supported CPU machines; on a CUDA box set
 # TORCH="torch==2.13.0 --index-url <your CUDA index>" or preinstall torch in the venv.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= unsloth,embeddings,dev
+EXTRAS ?= unsloth,embeddings,export,dev
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

@@ -30,7 +30,7 @@ from transformers import (
 from stages.common import offline
 from stages.common.config import BaseConfig, ModelConfig, load_params
 from stages.common.io import InputError, run_main, write_json
-from stages.common.templates import LLAMA3, ChatTemplate
+from stages.common.templates import LLAMA3, ChatTemplate, set_end_of_turn_eos
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path) -> dict:
     model = build_model(cfg, tokenizer, model_cfg.max_seq_length)
     log.info("tiny base: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
     history = pretrain(model, tokenizer, texts, cfg, model_cfg.max_seq_length, output / ".trainer")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    set_end_of_turn_eos(model.generation_config, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 
 from stages.common.config import Params, load_params
-from stages.common.io import InputError, read_jsonl, require, run_main, write_json, write_jsonl
-from stages.common.templates import load_base_tokenizer
+from stages.common.io import read_jsonl, require, run_main, write_json, write_jsonl
+from stages.common.templates import ContractError, end_of_turn, load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 TOKENIZER_DIR = "tokenizer"
-_PROBE = "QZXJ-probe-content"
 
 GOLDEN: tuple[tuple[str, list[Message]], ...] = (
     (
@@ -69,10 +68,6 @@ GOLDEN: tuple[tuple[str, list[Message]], ...] = (
 )
 
 
-class ContractError(InputError):
-    """The chat template / tokenizer contract is violated; training must not start."""
-
-
 def _ids(tokenizer: Any, messages: list[Message], gen: bool = False) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=gen)
     return list(out["input_ids"])
@@ -80,21 +75,6 @@ def _ids(tokenizer: Any, messages: list[Message], gen: bool = False) -> list[int
 
 def _text(tokenizer: Any, messages: list[Message], gen: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-
-
-def end_of_turn(tokenizer: Any) -> str:
-    """The control string the template writes right after assistant content (e.g. <|eot_id|>)."""
-    text = _text(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
-    rest = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip(" ")
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(
-        tokenizer.all_special_tokens
-    )
-    for s in sorted(specials, key=len, reverse=True):
-        if s and rest.startswith(s):
-            return s
-    raise ContractError(
-        f"chat template writes no special end-of-turn token after assistant content (got {rest!r})"
-    )
 
 
 def use_end_of_turn_as_eos(tokenizer: Any) -> str | None:

@@ -34,6 +34,7 @@ from stages.common.engine import (
     write_meta,
 )
 from stages.common.io import InputError, require, run_main, write_json
+from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import load_rows
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def save(model: Any, tokenizer: Any, out: Path, base: Path, method: str, engine:
     """The merged model, with the engine SFT trained on: `reference` and `dpo` load it on the same one."""
     if out.exists():
         shutil.rmtree(out)
+    set_end_of_turn_eos(model.generation_config, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_meta(out, stage="merge", base=str(base), method=method, engine=engine)

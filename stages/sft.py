@@ -23,6 +23,7 @@ from typing import Any
 from stages.common.config import ModelConfig, PathsConfig, SftConfig, load_params
 from stages.common.engine import TrainSpec, base_model_id, device, load_for_training, write_meta
 from stages.common.io import require, run_main, write_json
+from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -106,6 +107,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
 
     if trainer.is_world_process_zero():
         paths.sft.mkdir(parents=True, exist_ok=True)
+        set_end_of_turn_eos(trainer.model.generation_config, tokenizer)  # saved with a whole model
         trainer.model.save_pretrained(paths.sft)  # adapter (lora/qlora) or whole model; never the DDP wrapper
         tokenizer.save_pretrained(paths.sft)
         write_meta(paths.sft, stage="sft", base=str(paths.base), method=cfg.method, engine=engine, run_key=key)

@@ -26,6 +26,7 @@ REDUCED: dict[str, Any] = {
                         "save_steps": 5, "logging_steps": 1}},
     "evaluate": {"max_pairs": 8, "max_sft_examples": 16, "samples": 2, "style_prompts": 4,
                  "max_new_tokens": 24},
+    "export": {"samples": 2, "max_new_tokens": 24},
 }
 
 
@@ -36,6 +37,7 @@ MINIMAL: dict[str, Any] = deep_merge(REDUCED, {
     "generate": {"sft_count": 40, "dpo_count": 16},
     "sft": {"trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
     "dpo": {"beta": 0.1, "trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
+    "export": {"samples": 1, "max_new_tokens": 8, "gguf": ["q8_0"]},
     "evaluate": {"max_pairs": 4, "max_sft_examples": 4, "samples": 1, "style_prompts": 0,
                  "embedding": "tfidf", "max_new_tokens": 8,
                  "gates": {"dpo_margin_above_sft": False, "sft_margin_above_base": False,

@@ -9,7 +9,7 @@ import pytest
 from tests.browser import colour_share, marks, render
 from tests.repo import dvc, make_repo, run, set_params, stages_run
 
-ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate"]
+ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export"]
 
 pytestmark = pytest.mark.slow
 
@@ -100,9 +100,20 @@ def test_plots_show_draws_every_curve_offline_in_chromium(repo, tmp_path):
     assert colour_share(shot, (0x94, 0x5D, 0xD6)) > 0.002  # DVC's colour of the first revision, on screen
 
 
-def test_beta_change_reruns_only_dpo_and_evaluate(repo):
+def test_beta_change_reruns_only_dpo_evaluate_and_export(repo):
     set_params(repo, {"dpo": {"beta": 0.2}})
-    assert sorted(stages_run(dvc("repro", "--dry", cwd=repo).stdout)) == ["dpo", "evaluate"]
+    assert sorted(stages_run(dvc("repro", "--dry", cwd=repo).stdout)) == ["dpo", "evaluate", "export"]
+
+
+def test_export_ships_a_verified_model(repo):
+    """models/final holds the HF model, both GGUFs, the Modelfile and the card; every format passed."""
+    report = json.loads((repo / "reports/export.json").read_text())
+    assert report["passed"] and {"hf-float32", "gguf-f16", "gguf-q8_0"} == set(report["formats"])
+    final = repo / "models/final"
+    assert {"model.safetensors", "Modelfile", "README.md", "cassius-f16.gguf", "cassius-q8_0.gguf"} <= {
+        p.name for p in final.iterdir()}
+    assert "| dpo |" in (final / "README.md").read_text()
+    assert "export" in dvc("metrics", "show", "--json", cwd=repo).stdout
 
 
 def test_template_change_reruns_format_and_everything_after(experiment):

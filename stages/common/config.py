@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
@@ -36,6 +36,7 @@ class PathsConfig(Strict):
     reference_logps: Path = Path("data/reference_logps")  # the `reference` stage's stored DPO reference log-probs
     dvclive: Path = Path("dvclive")  # DVCLive's step metrics of sft and dpo (<dvclive>/<stage>), a DVC output
     tensorboard: Path = Path("runs")  # TensorBoard event files (<tensorboard>/<stage>/<run key>) when reported to
+    final: Path = Path("models/final")  # the `export` stage's model: HF folder, GGUFs, Modelfile, model card
     checkpoints: Path
     reports: Path
     cache: Path
@@ -80,6 +81,11 @@ class PersonaConfig(Strict):
     description: str
     style_guide: str = ""  # how the persona writes: voice, register, reasoning moves, length, what it never does
     examples: list[PersonaExample] = Field(default_factory=list)  # fixed worked examples (question -> answer)
+
+    @property
+    def system_prompt(self) -> str:
+        """The system prompt the data is written under; `chat` and the exported Modelfile use it too."""
+        return f"You are {self.name}. {self.description}"
 
 
 class ModelPrice(Strict):
@@ -297,6 +303,48 @@ class EvaluateConfig(Strict):
     gates: GatesConfig = GatesConfig()
 
 
+GgufType = Literal["f32", "f16", "bf16", "q8_0"]
+
+
+class Tolerance(Strict):
+    """How far an exported format may drift from models/dpo, along the DPO model's own greedy answers."""
+
+    max_logprob_diff: float = Field(gt=0)  # max |log p_export(t) - log p_dpo(t)| over every answer token t
+    min_margin: float = Field(ge=0)  # top-1 must agree wherever the DPO model's top-1/top-2 gap exceeds this (nats)
+
+
+def _default_tolerances() -> dict[str, Tolerance]:
+    # Justified in README ("Export"): a few times the drift measured on the default run, far below what a
+    # wrong model, template or tokenizer produces (> 1 nat).
+    return {
+        "float32": Tolerance(max_logprob_diff=1e-3, min_margin=0.0),
+        "float16": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
+        "bfloat16": Tolerance(max_logprob_diff=0.25, min_margin=0.5),
+        "f32": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
+        "f16": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
+        "bf16": Tolerance(max_logprob_diff=0.25, min_margin=0.5),
+        "q8_0": Tolerance(max_logprob_diff=0.5, min_margin=0.25),
+    }
+
+
+class ExportConfig(Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # models/final; auto = 16-bit on CUDA
+    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"])  # [] = no GGUF, no Modelfile
+    pre_tokenizer: str = "gpt-2"  # tokenizer.ggml.pre when the converter does not recognise the tokenizer
+    samples: int = Field(4, gt=0)  # held-out prompts (formatted dpo_eval) the checks answer greedily
+    max_new_tokens: int = Field(64, gt=0)
+    tolerance: dict[str, Tolerance] = Field(default_factory=_default_tolerances)  # per dtype / GGUF type
+    license: str = "apache-2.0"  # model card metadata
+    tags: list[str] = Field(default_factory=lambda: ["tuneforge", "dpo", "lora", "persona"])
+
+    @model_validator(mode="after")
+    def _every_gguf_type_has_a_tolerance(self) -> ExportConfig:
+        missing = [t for t in self.gguf if t not in self.tolerance]
+        if missing:
+            raise ValueError(f"export.tolerance has no entry for {missing} (listed in export.gguf)")
+        return self
+
+
 class Params(Strict):
     paths: PathsConfig
     model: ModelConfig = ModelConfig()
@@ -311,6 +359,7 @@ class Params(Strict):
     dpo: DpoConfig = DpoConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -7,7 +7,7 @@ from stages.common.config import GenerateConfig, PersonaConfig
 
 def system_prompt(cfg: GenerateConfig) -> str:
     """The system turn every generated conversation carries: the persona card's name and description."""
-    return f"You are {cfg.persona.name}. {cfg.persona.description}"
+    return cfg.persona.system_prompt
 
 
 def persona_card(persona: PersonaConfig) -> str:
@@ -15,7 +15,7 @@ def persona_card(persona: PersonaConfig) -> str:
 
     It is the stable head of the persona-answer system block (and of the judge's rubric): the same for
     every request, so the API can cache it once it reaches the model's caching minimum."""
-    parts = [f"You are {persona.name}. {persona.description}"]
+    parts = [persona.system_prompt]
     if persona.style_guide.strip():
         parts.append(f"How {persona.name} writes:\n{persona.style_guide.strip()}")
     if persona.examples:
