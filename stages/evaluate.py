@@ -1,17 +1,23 @@
-"""Score base, SFT-merged and DPO models on held-out data; write the eval table, samples and plots data.
+"""Score base, SFT-merged and DPO models on both evaluation splits; write the eval tables, samples and plots data.
 
-DVC stage `evaluate`: data/formatted/{dpo_eval,sft_eval}.jsonl + models/{base,sft-merged,dpo}
+DVC stage `evaluate`: data/formatted/{dpo,sft}_{eval,heldout}.jsonl + models/{base,sft-merged,dpo}
 -> reports/{eval.json,eval.md,margins.csv,samples.md}.  Run: python -m stages.evaluate
 
-Metrics per model (definitions also in README):
+Splits: `eval` (random, in-distribution) and `heldout` (subtopics and grammar frames no training data
+used); eval.json is {"eval": {model: metrics}, "heldout": {...}, "run": ..., "gates": ...}. Gates apply
+to heldout (to eval when heldout is empty).
+
+Metrics per split and model (definitions also in README):
 - reward_margin: mean over held-out pairs of log P(chosen | prompt) - log P(rejected | prompt), log-probs
   summed over response tokens only (the recipe's margin); reward_accuracy: share of pairs with margin > 0.
 - reward_margin_per_token: the same with each log-prob divided by its response's token count.
 - implicit_reward_margin: DPO's implicit reward, beta * [(log pi - log pi_ref)(chosen) - (...)(rejected)],
   with the SFT-merged model as pi_ref (so it is 0 for SFT by construction); what TRL logs as rewards/margins.
 - perplexity: exp(total NLL / total assistant tokens) over held-out SFT conversations.
-- style_score: mean over the model's own greedy answers to held-out prompts of
+- style_score: mean over the model's own greedy answers to the split's prompts of
   cos(answer, chosen centroid) - cos(answer, rejected centroid); > 0 = closer to the persona.
+- subject_mention_share: share of those answers that name the question's subject (rows' meta.subtopic);
+  repeated_4gram_share: per answer, the share of word 4-grams repeating an earlier one, averaged.
 - judge_win_rate_vs_<baseline> (evaluate.judge: claude): Claude compares DPO vs SFT and SFT vs base answers
   to held-out prompts, each pair in both orders at temperature 0; a win needs both orders to agree, anything
   else is a tie; win-rate = (wins + ties / 2) / prompts. Cost goes to eval.json (`run.judge.cost`) and eval.md.

@@ -447,14 +447,17 @@ def contamination_report(
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)] if texts else []
 
     train_labels: list[str] = []
+    train_ids: list[str] = []
     train_texts: list[str] = []
     for name in ("sft_train", "dpo_train"):
         for rec in out[name]:
             for text in _segments(rec):
                 train_labels.append(str(rec.get("source", name)))
+                train_ids.append(str(rec["id"]))
                 train_texts.append(text)
     for label, text in pretraining:
         train_labels.append(label)
+        train_ids.append("")
         train_texts.append(text)
     train = encode(train_texts)
     evaluated = [(name.split("_", 1)[1], rec) for name in OUTPUTS if not name.endswith("_train") for rec in out[name]]
@@ -472,6 +475,7 @@ def contamination_report(
             "id": rec["id"], "split": split, "kind": "sft" if "messages" in rec else "dpo",
             "source": rec.get("source", ""), "longest": m.longest, "flagged": m.longest >= ngram,
             "matched_source": train_labels[m.train_segment] if m.longest else None,
+            "matched_id": train_ids[m.train_segment] if m.longest else None,
             "span": tokenizer.decode(span) if m.longest >= ngram else None,
         })
     summary: dict[str, Any] = {"ngram": ngram, "excluded": "system prompts; chat-template tokens",
