@@ -476,7 +476,7 @@ def contamination_report(
             "source": rec.get("source", ""), "longest": m.longest, "flagged": m.longest >= ngram,
             "matched_source": train_labels[m.train_segment] if m.longest else None,
             "matched_id": train_ids[m.train_segment] if m.longest else None,
-            "span": tokenizer.decode(span) if m.longest >= ngram else None,
+            "span": tokenizer.decode(span) if m.longest else None,
         })
     summary: dict[str, Any] = {"ngram": ngram, "excluded": "system prompts; chat-template tokens",
                                "training_segments": dict(sorted(Counter(train_labels).items())),
