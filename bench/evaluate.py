@@ -42,8 +42,9 @@ from stages.generate import generate_offline
 
 
 def held_out_pairs(n: int, tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
-    """N DPO pairs as the default pipeline renders them: (prompts, chosen, rejected) texts."""
-    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n})
+    """N DPO pairs as the default pipeline renders them, every one with the persona system prompt (the
+    pipeline gives it to generate.system_prompt_share of them): (prompts, chosen, rejected) texts."""
+    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n, "system_prompt_share": 1.0})
     _, dpo, _ = generate_offline(cfg, load_params().heldout)
     rows = [render_dpo(tokenizer, row, "<|eot_id|>") for row in dpo]
     return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]

@@ -134,7 +134,7 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path, corpus_dir: Path
     # and, like a real base, plain analytical prose in the persona's register outside any chat turn, so
     # fine-tuning shifts style, not vocabulary. Held-out subtopics and frames never appear.
     register = offline.load_register(persona) if persona is not None else None
-    corpus = offline.base_corpus(cfg.corpus_size, cfg.seed, heldout or HeldoutConfig(), register)
+    corpus = offline.base_corpus(cfg.corpus_size, cfg.seed, heldout or HeldoutConfig(), register, cfg.documents)
     if corpus_dir is not None:
         write_jsonl(corpus_dir / offline.CORPUS_FILE, [row.as_dict() for row in corpus])
     conversations = [row.messages for row in corpus if row.kind == "chat"]

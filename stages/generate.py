@@ -19,6 +19,7 @@ from typing import Any
 from stages.common import offline
 from stages.common.config import GenerateConfig, HeldoutConfig, load_params
 from stages.common.io import InputError, run_main, write_json, write_jsonl
+from stages.common.splits import unit
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,17 @@ def generate_offline(cfg: GenerateConfig, heldout: HeldoutConfig) -> tuple[list[
     generic = offline.generic_register()
     qs = offline.questions(cfg.categories, cfg.sft_count + cfg.dpo_count, cfg.seed, heldout)
     system = system_prompt(cfg)
+
+    def head(q: offline.Question) -> list[dict[str, str]]:  # the system turn, on system_prompt_share of rows
+        return [{"role": "system", "content": system}] if unit(cfg.seed, "system", q.text) < cfg.system_prompt_share else []
+
     sft, dpo = [], []
     for q in qs[: cfg.sft_count]:
         text, frames = offline.answer(persona, q, cfg.seed, heldout)
         sft.append({
             "id": f"sft-{q.id}",
             "messages": [
-                {"role": "system", "content": system},
+                *head(q),
                 {"role": "user", "content": q.text},
                 {"role": "assistant", "content": text},
             ],
@@ -59,7 +64,7 @@ def generate_offline(cfg: GenerateConfig, heldout: HeldoutConfig) -> tuple[list[
         rejected, rejected_frames = offline.answer(generic, q, cfg.seed, heldout)
         dpo.append({
             "id": f"dpo-{q.id}",
-            "prompt": [{"role": "system", "content": system}, {"role": "user", "content": q.text}],
+            "prompt": [*head(q), {"role": "user", "content": q.text}],
             "chosen": chosen,
             "rejected": rejected,
             "source": offline.SOURCE,

@@ -56,6 +56,7 @@ class BaseConfig(Strict):
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(2, gt=0)
     corpus_size: int = Field(1500, gt=0)
+    documents: int = Field(150, ge=0)  # plain prose in the persona's register, besides the conversations
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
@@ -126,6 +127,9 @@ class GenerateConfig(Strict):
     provider: Literal["auto", "anthropic", "offline"] = "auto"
     sft_count: int = Field(1000, ge=0)
     dpo_count: int = Field(200, ge=0)
+    # offline rows that carry the persona's system prompt (seeded per question); the rest have none, so the
+    # persona does not hinge on the prompt being rendered with it
+    system_prompt_share: float = Field(1.0, ge=0, le=1)
     seed: int = 42
     persona: PersonaConfig
     categories: list[str] = Field(min_length=1)

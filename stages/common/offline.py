@@ -331,10 +331,12 @@ class CorpusRow:
         return {"id": self.id, "kind": self.kind, "source": SOURCE, "meta": self.meta, **body}
 
 
-def base_corpus(n: int, seed: int, cfg: HeldoutConfig, persona: Register | None) -> list[CorpusRow]:
+def base_corpus(n: int, seed: int, cfg: HeldoutConfig, persona: Register | None,
+                documents: int | None = None) -> list[CorpusRow]:
     """Pretraining data for the tiny base: n generic-assistant conversations about training subtopics,
-    with questions from the pretraining pool only, and n/3 documents of analytical prose in the persona's
-    register (a real base has read such text but answers generically). Training frames only."""
+    with questions from the pretraining pool only, and `documents` (default n/10) documents of analytical
+    prose in the persona's register (a real base has read such text but answers generically). Training
+    frames only."""
     generic = generic_register()
     rows: list[CorpusRow] = []
     for i, q in enumerate(questions(list(SUBTOPICS), n, seed, cfg, pool="pretrain", include_heldout=False)):
@@ -345,7 +347,7 @@ def base_corpus(n: int, seed: int, cfg: HeldoutConfig, persona: Register | None)
     if persona is not None:
         rng = random.Random(f"documents:{seed}")
         subjects = [s for subs in SUBTOPICS.values() for s in subs if not heldout_subtopic(s, cfg)]
-        for i in range(n // 3):
+        for i in range(n // 10 if documents is None else documents):
             subject = rng.choice(subjects)
             text, frames = compose(persona, rng, subject, False, cfg)
             rows.append(CorpusRow(f"doc-{i:05d}", "document", {"subtopic": subject, "frames": frames}, text=text))

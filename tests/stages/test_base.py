@@ -49,8 +49,8 @@ def test_pretrained_base_prefers_generic_answers(tmp_path):
     assert summary["base"] == "tiny" and summary["final_loss"] < 2.5
     model, tok = load_for_inference(tmp_path / "base")
     assert tok.chat_template and (tmp_path / "base/model.safetensors").exists()
-    corpus = read_jsonl(tmp_path / "corpus" / offline.CORPUS_FILE)  # written for audits: 300 chats + 100 documents
-    assert [r["kind"] for r in corpus].count("chat") == 300 and len(corpus) == 400
+    corpus = read_jsonl(tmp_path / "corpus" / offline.CORPUS_FILE)  # written for audits: chats and documents
+    assert [r["kind"] for r in corpus].count("chat") == 300 and len(corpus) == 300 + cfg.documents
     held = [q for q in offline.questions(list(offline.SUBTOPICS), 60, 99, HeldoutConfig()) if q.heldout][:5]
 
     def logp(q: offline.Question, answer: str) -> float:

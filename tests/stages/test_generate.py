@@ -28,8 +28,11 @@ def test_offline_counts_schema_and_labels(cfg):
     assert len(sft) == 30 and len(dpo) == 10
     assert all(r["source"] == "offline" for r in sft + dpo)
     assert report["provider"] == "offline" and "not real model output" in report["note"]
-    assert [m["role"] for m in sft[0]["messages"]] == ["system", "user", "assistant"]
-    assert dpo[0]["prompt"][-1]["role"] == "user"
+    roles = [tuple(m["role"] for m in r["messages"]) for r in sft]
+    assert set(roles) == {("system", "user", "assistant"), ("user", "assistant")}  # system_prompt_share 0.5
+    assert all(r["prompt"][-1]["role"] == "user" for r in dpo)
+    everyone = generate_offline(cfg.model_copy(update={"system_prompt_share": 1.0}), HELDOUT)[0]
+    assert all(r["messages"][0]["role"] == "system" for r in everyone)
     questions = [r["messages"][1]["content"] for r in sft] + [r["prompt"][-1]["content"] for r in dpo]
     assert len(set(questions)) == len(questions), "SFT and DPO questions must be distinct"
 
