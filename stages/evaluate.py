@@ -409,10 +409,9 @@ def check_gates(metrics: Mapping[str, Mapping[str, float]], gates: GatesConfig) 
         ordered("dpo_margin_above_sft", "dpo", "sft")
     if gates.sft_margin_above_base:
         ordered("sft_margin_above_base", "sft", "base")
-    if gates.base_margin_below_zero:
+    if gates.base_margin_below_zero:  # the summed margin, the recipe's; per token is reported, not gated
         a, at = m["base"]["reward_margin"], m["base"]["reward_margin_per_token"]
-        out.append(GateResult("base_margin_below_zero", a < 0 and at < 0,
-                              f"base reward_margin {a:.4f}, per token {at:.4f}"))
+        out.append(GateResult("base_margin_below_zero", a < 0, f"base reward_margin {a:.4f} (per token {at:.4f})"))
     if gates.sft_max_ppl_ratio is not None:
         ratio = m["sft"]["perplexity"] / m["base"]["perplexity"]
         out.append(GateResult("sft_max_ppl_ratio", ratio <= gates.sft_max_ppl_ratio,

@@ -217,7 +217,7 @@ def test_check_gates():
                    "mention_at_least_base": False, "dpo_max_repetition_rise": False}
     m["dpo"].update(reward_margin=0.2, style_score=0.28, subject_mention_share=0.5, repeated_4gram_share=0.06)
     assert all(g.passed for g in ev.check_gates(m, cfg))
-    m["base"]["reward_margin_per_token"] = 0.001  # the base must prefer the generic answer per token too
+    m["base"]["reward_margin"] = 0.001  # the base must prefer the generic answer
     assert {g.name for g in ev.check_gates(m, cfg) if not g.passed} == {"base_margin_below_zero"}
     strict = cfg.model_copy(update={"dpo_max_ppl_ratio": 1.1, "min_dpo_accuracy": 0.8})
     res = {g.name: g.passed for g in ev.check_gates(m, strict)}
