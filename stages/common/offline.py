@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from stages.common.config import HeldoutConfig, PersonaConfig
+from stages.common.config import HeldoutConfig, PersonaConfig, read_yaml
 from stages.common.io import InputError
 from stages.common.splits import Pool, heldout_frame, heldout_subtopic, question_pool
 
@@ -138,10 +136,7 @@ def load_register(path: Path | str) -> Register:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: offline register not found (generate.persona.offline)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path)  # not YAML, or not a mapping: a ParamsError naming the file
     missing = [k for k in ("register", "style", "lexicon", *FRAME_KINDS) if not data.get(k)]
     if missing:
         raise InputError(f"{path}: missing or empty key(s): {', '.join(missing)}")
