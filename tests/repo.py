@@ -22,8 +22,8 @@ REDUCED: dict[str, Any] = {
     "generate": {"sft_count": 120, "dpo_count": 40},
     "validate": {"eval_fraction": 0.2},
     "sft": {"trainer": {"num_train_epochs": 2, "eval_steps": 10, "save_steps": 10, "logging_steps": 2}},
-    "dpo": {"trainer": {"num_train_epochs": 1, "gradient_accumulation_steps": 4, "eval_steps": 5,
-                        "save_steps": 5, "logging_steps": 1}},
+    "dpo": {"trainer": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                        "eval_steps": 5, "save_steps": 5, "logging_steps": 1}},
     "evaluate": {"max_pairs": 8, "max_sft_examples": 16, "samples": 2, "style_prompts": 4,
                  "max_new_tokens": 24,
                  # a few optimizer steps on ~100 rows: the margin ordering shows, the generation gates
@@ -40,7 +40,7 @@ NO_GATES: dict[str, Any] = {"dpo_margin_above_sft": False, "sft_margin_above_bas
 # Smaller still, for tests that prove where bytes and runs go rather than what training achieves:
 # a couple of optimizer steps per stage and no quality gates.
 MINIMAL: dict[str, Any] = deep_merge(REDUCED, {
-    "base": {"corpus_size": 100, "epochs": 1},
+    "base": {"corpus_size": 100, "documents": 10, "epochs": 1},
     "generate": {"sft_count": 40, "dpo_count": 16},
     "sft": {"trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
     "dpo": {"beta": 0.1, "trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
