@@ -42,9 +42,10 @@ from stages.generate import generate_offline
 
 
 def held_out_pairs(n: int, tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
-    """N DPO pairs as the default pipeline renders them: (prompts, chosen, rejected) texts."""
-    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n})
-    _, dpo, _ = generate_offline(cfg)
+    """N DPO pairs as the default pipeline renders them, every one with the persona system prompt (the
+    pipeline gives it to generate.system_prompt_share of them): (prompts, chosen, rejected) texts."""
+    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n, "system_prompt_share": 1.0})
+    _, dpo, _ = generate_offline(cfg, load_params().heldout)
     rows = [render_dpo(tokenizer, row, "<|eot_id|>") for row in dpo]
     return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
 
@@ -109,8 +110,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     cfg = load_params().base
-    corpus = [m["content"] for c in offline.generic_corpus(300, seed=0) for m in c]
-    tokenizer = build_tokenizer(corpus + offline.persona_text_sample(100, seed=0), cfg.vocab_size, LLAMA3)
+    corpus = offline.base_corpus(300, 0, load_params().heldout, offline.builtin_persona())
+    tokenizer = build_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size, LLAMA3)
     model = build_model(cfg, tokenizer, 1024).to(device).eval()
     prompts, chosen, rejected = held_out_pairs(args.pairs, tokenizer)
     bs = args.batch_size

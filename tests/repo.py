@@ -22,26 +22,32 @@ REDUCED: dict[str, Any] = {
     "generate": {"sft_count": 120, "dpo_count": 40},
     "validate": {"eval_fraction": 0.2},
     "sft": {"trainer": {"num_train_epochs": 2, "eval_steps": 10, "save_steps": 10, "logging_steps": 2}},
-    "dpo": {"trainer": {"num_train_epochs": 1, "gradient_accumulation_steps": 4, "eval_steps": 5,
-                        "save_steps": 5, "logging_steps": 1}},
+    "dpo": {"trainer": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                        "eval_steps": 5, "save_steps": 5, "logging_steps": 1}},
     "evaluate": {"max_pairs": 8, "max_sft_examples": 16, "samples": 2, "style_prompts": 4,
-                 "max_new_tokens": 24},
+                 "max_new_tokens": 24,
+                 # a few optimizer steps on ~100 rows: the margin ordering shows, the generation gates
+                 # (4 answers of 24 tokens) would be noise
+                 "gates": {"style_above_base": False, "dpo_max_style_drop": None, "mention_at_least_base": False,
+                           "dpo_max_repetition_rise": None, "base_margin_below_zero": False}},
     "export": {"samples": 2, "max_new_tokens": 24},
 }
+NO_GATES: dict[str, Any] = {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
+                            "base_margin_below_zero": False, "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None,
+                            "min_dpo_accuracy": None, "style_above_base": False, "dpo_max_style_drop": None,
+                            "mention_at_least_base": False, "dpo_max_repetition_rise": None}
 
 
 # Smaller still, for tests that prove where bytes and runs go rather than what training achieves:
 # a couple of optimizer steps per stage and no quality gates.
 MINIMAL: dict[str, Any] = deep_merge(REDUCED, {
-    "base": {"corpus_size": 100, "epochs": 1},
+    "base": {"corpus_size": 100, "documents": 10, "epochs": 1},
     "generate": {"sft_count": 40, "dpo_count": 16},
     "sft": {"trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
     "dpo": {"beta": 0.1, "trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
     "export": {"samples": 1, "max_new_tokens": 8, "gguf": ["q8_0"]},
     "evaluate": {"max_pairs": 4, "max_sft_examples": 4, "samples": 1, "style_prompts": 0,
-                 "embedding": "tfidf", "max_new_tokens": 8,
-                 "gates": {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
-                           "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None, "min_dpo_accuracy": None}},
+                 "embedding": "tfidf", "max_new_tokens": 8, "gates": NO_GATES},
 })
 
 

@@ -33,12 +33,19 @@ def experiment(repo):
     return repo, out
 
 
-def test_default_ordering_base_below_sft_below_dpo(repo):
+def test_default_ordering_base_below_sft_below_dpo_on_heldout(repo):
     metrics = json.loads((repo / "reports/eval.json").read_text())
-    margins = [metrics[m]["reward_margin"] for m in ("base", "sft", "dpo")]
+    margins = [metrics["heldout"][m]["reward_margin"] for m in ("base", "sft", "dpo")]
     assert margins[0] < margins[1] < margins[2], margins
+    assert set(metrics) == {"eval", "heldout", "run", "gates"} and all(metrics["gates"].values())
     table = (repo / "reports/eval.md").read_text()
-    assert "| base |" in table and "| dpo |" in table
+    assert table.count("| base |") == 2 and "## held out" in table
+    for name in ("sft", "dpo"):  # every split file is written, heldout named as such
+        assert {p.name for p in (repo / "data/clean").glob(f"{name}_*.jsonl")} == {
+            f"{name}_train.jsonl", f"{name}_eval.jsonl", f"{name}_heldout.jsonl"}
+    assert (repo / "data/base_corpus/corpus.jsonl").stat().st_size > 0
+    report = json.loads((repo / "reports/validation.json").read_text())
+    assert report["contamination"]["splits"]["heldout"]["flagged"] == 0
 
 
 def test_second_repro_runs_nothing(repo):

@@ -154,7 +154,7 @@ def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
     assert EXP in exps, shown
     data = exps[EXP]["data"]
     assert data["params"]["params.yaml"]["data"]["dpo"]["beta"] == 0.5
-    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["dpo"]
+    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["eval"]["dpo"]
     table = dvc("exp", "show", "--csv", cwd=a).stdout
     assert EXP in table and "dpo.reward_margin" in table.splitlines()[0]
 

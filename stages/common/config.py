@@ -62,6 +62,7 @@ class BaseConfig(Strict):
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(2, gt=0)
     corpus_size: int = Field(1500, gt=0)
+    documents: int = Field(150, ge=0)  # plain prose in the persona's register, besides the conversations
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
@@ -81,11 +82,24 @@ class PersonaConfig(Strict):
     description: str
     style_guide: str = ""  # how the persona writes: voice, register, reasoning moves, length, what it never does
     examples: list[PersonaExample] = Field(default_factory=list)  # fixed worked examples (question -> answer)
+    # The offline provider's register for this persona (stages/common/offline.py): a YAML file of
+    # vocabulary and sentence frames that records the persona card it was written for. `generate`
+    # refuses to write offline data for a persona the register was not written for; null = no register.
+    offline: Path | None = None
 
     @property
     def system_prompt(self) -> str:
         """The system prompt the data is written under; `chat` and the exported Modelfile use it too."""
         return f"You are {self.name}. {self.description}"
+
+
+class HeldoutConfig(Strict):
+    """The held-out evaluation split (stages/common/splits.py); read by base, generate and validate."""
+
+    seed: int = 7
+    subtopic_share: float = Field(0.2, ge=0, lt=1)  # subtopics no training data (pretraining included) uses
+    frame_share: float = Field(0.25, ge=0, lt=1)  # offline grammar frames kept for held-out rows only
+    pretrain_share: float = Field(0.5, gt=0, lt=1)  # training questions reserved for the base's pretraining
 
 
 class ModelPrice(Strict):
@@ -134,6 +148,9 @@ class GenerateConfig(Strict):
     provider: Literal["auto", "anthropic", "offline"] = "auto"
     sft_count: int = Field(1000, ge=0)
     dpo_count: int = Field(200, ge=0)
+    # offline rows that carry the persona's system prompt (seeded per question); the rest have none, so the
+    # persona does not hinge on the prompt being rendered with it
+    system_prompt_share: float = Field(1.0, ge=0, le=1)
     seed: int = 42
     persona: PersonaConfig
     categories: list[str] = Field(min_length=1)
@@ -152,10 +169,19 @@ class DataSource(Strict):
     # the system turn given to this file's rows that have none: persona = the persona's system prompt (as
     # generated rows carry), none = no system turn, any other text = that text. A row's own system turn is kept.
     system_prompt: str = Field("persona", min_length=1)
+    # auto = validate's seeded random train/eval split; train | eval | heldout pins every row of the file
+    split: Literal["auto", "train", "eval", "heldout"] = "auto"
 
 
 class DataConfig(Strict):
     sources: list[DataSource] = Field(default_factory=list)  # user files merged with data/raw
+
+
+class ContaminationLimits(Strict):
+    """Largest share of flagged rows per evaluation split before validate fails; null = report only."""
+
+    eval: float | None = Field(None, ge=0, le=1)
+    heldout: float | None = Field(0.0, ge=0, le=1)
 
 
 class ValidateConfig(Strict):
@@ -175,6 +201,9 @@ class ValidateConfig(Strict):
     identity_patterns: list[str] = Field(default_factory=list)
     extra_control_strings: list[str] = Field(default_factory=list)
     report_examples: int = Field(3, ge=0)
+    # contamination: longest token n-gram each eval/heldout row shares with any training source
+    contamination_ngram: int = Field(13, ge=2)  # a shared n-gram this long flags the row (GPT-3 / Llama: 13)
+    max_contamination: ContaminationLimits = Field(default_factory=lambda: ContaminationLimits())
 
 
 class FormatConfig(Strict):
@@ -276,8 +305,15 @@ class TrainConfig(Strict):
 
 
 class GatesConfig(Strict):
-    dpo_margin_above_sft: bool = True  # DPO reward margin > SFT's
-    sft_margin_above_base: bool = True  # SFT reward margin > base's
+    """Checked on the `heldout` split (on `eval` when there is no heldout data)."""
+
+    dpo_margin_above_sft: bool = True  # DPO reward margin > SFT's, summed and per token
+    sft_margin_above_base: bool = True  # SFT reward margin > base's, summed and per token
+    base_margin_below_zero: bool = True  # the base prefers the generic answer (summed reward margin < 0)
+    style_above_base: bool = True  # SFT's and DPO's style scores > the base's
+    dpo_max_style_drop: float | None = Field(0.05, ge=0)  # DPO style score >= SFT's - this; null = off
+    mention_at_least_base: bool = True  # SFT and DPO mention the question's subject at least as often as base
+    dpo_max_repetition_rise: float | None = Field(0.05, ge=0)  # DPO repeated-4-gram share <= SFT's + this
     sft_max_ppl_ratio: float | None = Field(1.0, gt=0)  # SFT perplexity <= base's x this; null = off
     dpo_max_ppl_ratio: float | None = Field(None, gt=0)  # DPO perplexity <= SFT's x this; null = off
     min_dpo_accuracy: float | None = Field(None, ge=0, le=1)  # DPO preference accuracy >= this; null = off
@@ -349,6 +385,7 @@ class Params(Strict):
     paths: PathsConfig
     model: ModelConfig = ModelConfig()
     base: BaseConfig = BaseConfig()
+    heldout: HeldoutConfig = HeldoutConfig()
     generate: GenerateConfig
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")

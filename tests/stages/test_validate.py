@@ -403,3 +403,88 @@ def test_semantic_dedup_with_bundled_minilm(tokenizer):
     cfg = CFG.model_copy(update={"semantic_dedup": True, "semantic_threshold": 0.85})
     result = run_validate(rows, tokenizer, cfg)
     assert [(r["line"], r["reason"]) for r in result.rejects] == [(2, "semantic_duplicate")]
+
+
+# ------------------------------------------------------------------ held-out routing and contamination
+
+
+def test_heldout_metadata_and_pinned_files_decide_the_split(tokenizer):
+    from stages.common.config import HeldoutConfig
+    from stages.common.splits import heldout_subtopic
+
+    cfg = HeldoutConfig()
+    held = next(f"topic {i}" for i in range(100) if heldout_subtopic(f"topic {i}", cfg))
+    kept = next(f"topic {i}" for i in range(100) if not heldout_subtopic(f"topic {i}", cfg))
+    rows = raw([sft_row(i, meta={"subtopic": held if i < 3 else kept}) for i in range(20)])
+    rows += raw([sft_row(100 + i) for i in range(4)], source="mine.jsonl")
+    result = validate(rows, CFG, token_counter(tokenizer, CFG.max_tokens), heldout=cfg,
+                      pins={"mine.jsonl": "heldout"})
+    assert sorted(r["id"] for r in result.sft_heldout) == ["s0", "s1", "s100", "s101", "s102", "s103", "s2"]
+    assert all(r["meta"]["subtopic"] == kept for r in result.sft_train + result.sft_eval)  # meta travels on
+    assert result.sft_eval and result.report["split"]["sft_heldout"] == 7
+
+
+def _contamination_rows(tokenizer):
+    """Generated train rows, and a user file pinned to eval with a planted duplicate, a planted 13-gram and
+    rows that share nothing long; plus a pretraining text duplicated into eval."""
+    rng = random.Random(11)
+    train = [sft_row(i, answer=sentence(rng, 30)) for i in range(30)]
+    copied = train[4]["messages"][1]["content"].rstrip(".").split()[5:]
+
+    def words_for(tokens: int) -> str:  # the fewest copied words that make at least this many tokens
+        k = next(k for k in range(1, len(copied)) if len(tokenizer(" " + " ".join(copied[:k]))["input_ids"]) >= tokens)
+        return " ".join(copied[:k])
+
+    pretraining = [("data/base_corpus/corpus.jsonl", sentence(rng, 40))]
+    user = [
+        dpo_row(1) | {"id": "dup", "chosen": train[3]["messages"][1]["content"]},  # a training answer, verbatim
+        sft_row(201, answer="Zebra quartz. " + words_for(13) + " zebra quartz."),  # a copied 13-gram (tokens)
+        sft_row(202, answer="Zebra quartz. " + words_for(8) + " zebra quartz."),  # 8 tokens: not flagged
+        sft_row(203, answer="Zebra " + pretraining[0][1] + " Quartz."),  # the base's corpus, duplicated
+        sft_row(204), sft_row(205),
+    ]
+    rows = raw(train, source="data/raw/sft.jsonl") + raw(user[:1], kind="dpo", fmt="preference", source="user.jsonl")
+    rows += raw(user[1:], source="user_sft.jsonl")
+    return rows, pretraining
+
+
+def test_contamination_report_catches_a_planted_duplicate_and_a_13gram(tokenizer):
+    rows, pretraining = _contamination_rows(tokenizer)
+    pins = {"user.jsonl": "eval", "user_sft.jsonl": "eval"}
+    cfg = CFG.model_copy(update={"eval_fraction": 0.1})
+    result = validate(rows, cfg, token_counter(tokenizer, cfg.max_tokens), tokenizer=tokenizer, pins=pins,
+                      pretraining=pretraining)
+    by_id = {r["id"]: r for r in result.contamination}
+    assert {"dup", "s201", "s202", "s203"} <= set(by_id)
+    assert by_id["dup"]["flagged"] and by_id["dup"]["longest"] >= 30
+    assert (by_id["dup"]["matched_source"], by_id["dup"]["matched_id"]) == ("test", "s3")
+    assert by_id["s201"]["flagged"] and 13 <= by_id["s201"]["longest"] <= 13 + 6
+    assert by_id["s203"]["flagged"] and by_id["s203"]["matched_source"] == "data/base_corpus/corpus.jsonl"
+    assert not by_id["s202"]["flagged"] and by_id["s202"]["longest"] < 13
+    assert not by_id["s204"]["flagged"]
+    flagged = sum(r["flagged"] for r in result.contamination if r["split"] == "eval")
+    stats = result.report["contamination"]["splits"]["eval"]
+    assert stats["flagged"] == flagged == 3 and stats["flagged_share"] == pytest.approx(3 / stats["rows"], abs=1e-6)
+
+
+def test_stage_fails_above_max_contamination_naming_rows(tmp_path, tokenizer):
+    from stages.validate import ContaminationError
+
+    rows, pretraining = _contamination_rows(tokenizer)
+    raw_dir = tmp_path / "data" / "raw"
+    raw_dir.mkdir(parents=True)
+    (raw_dir / "sft.jsonl").write_text("\n".join(json.dumps(r.obj) for r in rows if r.source.endswith("raw/sft.jsonl")))
+    user = tmp_path / "user.jsonl"
+    user.write_text("\n".join(json.dumps(r.obj) for r in rows if r.source == "user_sft.jsonl"))
+    corpus = tmp_path / "data" / "base_corpus" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text(json.dumps({"id": "doc-0", "kind": "document", "text": pretraining[0][1]}) + "\n")
+    # system_prompt none: the persona's system turn would push the long planted row s203 past validate.max_tokens
+    sources = [{"path": str(user), "kind": "sft", "format": "openai", "split": "eval", "system_prompt": "none"}]
+    params = _params(tmp_path, tokenizer, sources, max_contamination={"eval": 0.2, "heldout": 0.0})
+    with pytest.raises(ContaminationError, match=r"2 of \d+ eval rows .* share a 13-gram .*s201 .*s203"):
+        run(params)
+    written = [json.loads(line) for line in (tmp_path / "data/clean/contamination.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in written if r["flagged"]} == {"s201", "s203"}  # written before failing
+    assert "## Contamination" in (tmp_path / "reports" / "validation.md").read_text()
+    run(_params(tmp_path, tokenizer, sources, max_contamination={"eval": 0.5, "heldout": 0.0}))  # under it: passes

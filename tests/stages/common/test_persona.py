@@ -23,8 +23,10 @@ def test_card_carries_style_guide_and_examples_but_rows_keep_the_short_prompt():
 def test_offline_provider_never_uses_the_card():
     from stages.generate import generate_offline
 
-    cfg = load_params(ROOT / "params.yaml").generate.model_copy(update={"sft_count": 5, "dpo_count": 2})
-    sft, dpo, _ = generate_offline(cfg)
+    params = load_params(ROOT / "params.yaml")
+    cfg = params.generate.model_copy(update={"sft_count": 20, "dpo_count": 2})
+    sft, dpo, _ = generate_offline(cfg, params.heldout)
     texts = " ".join(m["content"] for r in sft for m in r["messages"]) + " ".join(r["chosen"] for r in dpo)
-    assert {r["messages"][0]["content"] for r in sft} == {system_prompt(cfg)}
+    # the rows that carry a system turn (generate.system_prompt_share of them) carry the short one
+    assert {m["content"] for r in sft for m in r["messages"] if m["role"] == "system"} == {system_prompt(cfg)}
     assert cfg.persona.examples[0].answer[:40] not in texts and "How Cassius writes" not in texts
