@@ -7,11 +7,11 @@ pairs/second for
 
 - `pair`: `logprobs.pair_logprobs`, what the `evaluate` stage runs (batched, each prompt once);
 - `separate`: `logprobs.response_logprobs` on chosen, then on rejected (batched, each prompt twice);
-- `one_at_a_time`: `logprobs.reference_response_logprobs`, one unpadded sequence per forward pass;
+- `one_at_a_time`: `logprobs.oracle_response_logprobs`, one unpadded sequence per forward pass;
 
 the speed-ups, and a roofline bound: the time the pair path's matrix multiplies alone would take at this
 machine's measured fp32 GEMM rate (2048x2048), i.e. the most any fp32 implementation computing the same
-model can gain over the one-at-a-time reference here. The goal of the evaluation issue is >= 4x.
+model can gain over the one-at-a-time oracle here. The goal of the evaluation issue is >= 4x.
 
     python -m bench.evaluate [--pairs 64] [--batch-size 16] [--threads N] [--repeats 5] [--device cpu|cuda]
 """
@@ -32,8 +32,8 @@ from stages.common.config import load_params
 from stages.common.logprobs import (
     common_prefix,
     encode_pairs,
+    oracle_response_logprobs,
     pair_logprobs,
-    reference_response_logprobs,
     response_logprobs,
 )
 from stages.common.templates import LLAMA3
@@ -42,9 +42,10 @@ from stages.generate import generate_offline
 
 
 def held_out_pairs(n: int, tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
-    """N DPO pairs as the default pipeline renders them: (prompts, chosen, rejected) texts."""
-    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n})
-    _, dpo, _ = generate_offline(cfg)
+    """N DPO pairs as the default pipeline renders them, every one with the persona system prompt (the
+    pipeline gives it to generate.system_prompt_share of them): (prompts, chosen, rejected) texts."""
+    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n, "system_prompt_share": 1.0})
+    _, dpo, _ = generate_offline(cfg, load_params().heldout)
     rows = [render_dpo(tokenizer, row, "<|eot_id|>") for row in dpo]
     return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
 
@@ -109,8 +110,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     cfg = load_params().base
-    corpus = [m["content"] for c in offline.generic_corpus(300, seed=0) for m in c]
-    tokenizer = build_tokenizer(corpus + offline.persona_text_sample(100, seed=0), cfg.vocab_size, LLAMA3)
+    corpus = offline.base_corpus(300, 0, load_params().heldout, offline.builtin_persona())
+    tokenizer = build_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size, LLAMA3)
     model = build_model(cfg, tokenizer, 1024).to(device).eval()
     prompts, chosen, rejected = held_out_pairs(args.pairs, tokenizer)
     bs = args.batch_size
@@ -119,8 +120,8 @@ def main() -> None:
         "pair": lambda: pair_logprobs(model, tokenizer, prompts, chosen, rejected, batch_size=bs),
         "separate": lambda: (response_logprobs(model, tokenizer, prompts, chosen, batch_size=bs),
                              response_logprobs(model, tokenizer, prompts, rejected, batch_size=bs)),
-        "one_at_a_time": lambda: (reference_response_logprobs(model, tokenizer, prompts, chosen),
-                                  reference_response_logprobs(model, tokenizer, prompts, rejected)),
+        "one_at_a_time": lambda: (oracle_response_logprobs(model, tokenizer, prompts, chosen),
+                                  oracle_response_logprobs(model, tokenizer, prompts, rejected)),
     }
     results = {name: fn() for name, fn in fns.items()}  # warm-up, and the numbers to compare
     best = timed(fns, args.repeats)

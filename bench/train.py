@@ -4,7 +4,7 @@ and DPO peak memory with and without stored reference log-probs.
 Run: python bench/train.py [--workspace DIR] [--sft-count 240] [--repeats 2] [--engines transformers,unsloth]
                            [--only throughput,packing,rss,dpo] [--size tiny|medium] [--out reports/bench_train.json]
 
-The workspace (a params.yaml + models/base + data/formatted, plus sft-merged and data/reference for the DPO
+The workspace (a params.yaml + models/base + data/formatted, plus sft-merged and data/reference_logps for the DPO
 part) is built once with the pipeline's own stages, offline, and reused on later runs. Every measurement
 runs in its own child process, back to back: throughput = non-padding training tokens / trainer.train()
 wall time, over one epoch of the same rows with the same batch size (so both sides train the same steps on
@@ -62,7 +62,7 @@ def stage(workspace: Path, name: str) -> None:
 
 
 def prepare(workspace: Path, sft_count: int, size: str, dpo: bool) -> None:
-    """params.yaml + the stages' own outputs up to data/formatted (and sft-merged + data/reference for DPO)."""
+    """params.yaml + the stages' own outputs up to data/formatted (and sft-merged + data/reference_logps for DPO)."""
     from stages.common.config import deep_merge
 
     workspace.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def prepare(workspace: Path, sft_count: int, size: str, dpo: bool) -> None:
     done = {"base": "models/base/config.json", "generate": "data/raw/dpo.jsonl",
             "validate": "data/clean/sft_train.jsonl", "format": "data/formatted/sft_train.jsonl",
             "sft": "models/sft/adapter_config.json", "merge": "models/sft-merged/config.json",
-            "reference": "data/reference/meta.json"}
+            "reference": "data/reference_logps/tuneforge.json"}
     for name in wanted:
         if not (workspace / done[name]).exists():
             stage(workspace, name)
@@ -101,6 +101,11 @@ def non_padding_tokens(path: Path) -> int:
     return sum(len(json.loads(line)["input_ids"]) for line in path.open() if line.strip())
 
 
+def final_train_loss(live: Path) -> float | None:
+    """The last training loss DVCLive logged for a stage run (its metrics.json)."""
+    return json.loads((live / "metrics.json").read_text()).get("train", {}).get("loss")
+
+
 def child_sft_stage(args: argparse.Namespace) -> dict[str, Any]:
     """The `sft` stage's own function, with the benchmark's trainer settings."""
     from stages.common.config import load_params
@@ -112,13 +117,15 @@ def child_sft_stage(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_steps:
         trainer["max_steps"] = args.max_steps
     cfg = params.sft.model_copy(update={"method": args.method, "engine": args.engine, "trainer": trainer})
-    paths = params.paths.model_copy(update={"sft": out / "sft", "checkpoints": out / "ckpt", "reports": out})
+    paths = params.paths.model_copy(update={"sft": out / "sft", "checkpoints": out / "ckpt", "reports": out,
+                                            "dvclive": out / "dvclive", "tensorboard": out / "runs"})
     started = time.perf_counter()
-    report = sft(cfg, params.model, paths)
+    report = sft(cfg, params.model, paths)  # with the stage's default tracker (DVCLive): its cost is counted
     wall = time.perf_counter() - started
+    final_loss = final_train_loss(out / "dvclive" / "sft")
     shutil.rmtree(out, ignore_errors=True)
     out = {"train_s": report["runtime_s"], "wall_s": round(wall, 2), "engine": report["engine"],
-           "packing": report.get("packing"), "final_loss": report["final_loss"], **peak()}
+           "packing": report.get("packing"), "final_loss": final_loss, **peak()}
     if not args.max_steps:  # a whole epoch: every non-padding token of the training rows
         tokens = non_padding_tokens(params.paths.formatted / "sft_train.jsonl")
         out |= {"tokens": tokens, "tokens_per_s": round(tokens / report["runtime_s"], 1)}
@@ -174,11 +181,13 @@ def child_dpo(args: argparse.Namespace) -> dict[str, Any]:
     params = load_params()
     out = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     cfg = params.dpo.model_copy(update={"trainer": {**params.dpo.trainer, "max_steps": args.max_steps or 8}})
-    paths = params.paths.model_copy(update={"dpo": out / "dpo", "checkpoints": out / "ckpt", "reports": out})
+    paths = params.paths.model_copy(update={"dpo": out / "dpo", "checkpoints": out / "ckpt", "reports": out,
+                                            "dvclive": out / "dvclive", "tensorboard": out / "runs"})
     report = dpo(cfg, params.sft.model_copy(update={"engine": args.engine}), params.model, paths,
-                 reference_mode=args.reference)
+                 ref_logps=args.ref_logps)
+    final_loss = final_train_loss(out / "dvclive" / "dpo")
     shutil.rmtree(out, ignore_errors=True)
-    return {"train_s": report["runtime_s"], "final_loss": report["final_loss"], **peak()}
+    return {"train_s": report["runtime_s"], "final_loss": final_loss, **peak()}
 
 
 CHILDREN = {"sft-stage": child_sft_stage, "sft-trl": child_sft_trl, "dpo": child_dpo}
@@ -241,7 +250,7 @@ def main() -> None:
     child.add_argument("--engine", default="transformers")
     child.add_argument("--packing", type=lambda s: s == "True", default=False)
     child.add_argument("--max-steps", type=int, default=0)
-    child.add_argument("--reference", default="stored")
+    child.add_argument("--ref-logps", default="stored")
     parser.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "tuneforge-bench-train")
     parser.add_argument("--sft-count", type=int, default=240)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -294,7 +303,7 @@ def main() -> None:
                          ["packing", "tokens_per_s", "tokens_per_s_median", "vs_plain_trl", "vs_plain_trl_pairs",
                           "train_s", "wall_s", "peak_rss_mb", *cuda]))
     if "dpo" in only:
-        results["dpo"] = {f"reference {m}": run_child(workspace, "dpo", reference=m, engine=engines[0])
+        results["dpo"] = {f"reference {m}": run_child(workspace, "dpo", ref_logps=m, engine=engines[0])
                           for m in ("stored", "adapter", "model")}
         out.append(table("DPO (stage, 8 steps): stored reference log-probs vs TRL's implicit reference (adapter "
                          "off, a reference forward every step) vs a second reference model", results["dpo"],

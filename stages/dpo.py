@@ -1,13 +1,15 @@
 """Direct preference optimisation of the merged SFT model with a fresh LoRA adapter.
 
-DVC stage `dpo`: models/sft-merged + data/formatted/dpo_*.jsonl -> models/dpo, reports/dpo.json, reports/dpo_loss.csv.
+DVC stage `dpo`: models/sft-merged + data/formatted/dpo_*.jsonl -> models/dpo, reports/dpo.json, dvclive/dpo.
 Run: python -m stages.dpo
 
 The reference is the merged SFT model itself (never the raw base; its content hash is recorded in
 reports/dpo.json), and its log-probs for every pair come precomputed from the `reference` stage
-(data/reference), so no reference forward runs here and changing `dpo.*` (e.g. beta) reuses them.
-The policy is sft-merged plus a new zero-initialised LoRA adapter. `dpo.trainer` goes straight into
-trl.DPOConfig.
+(data/reference_logps), so no reference forward runs here and changing `dpo.*` (e.g. beta) reuses them.
+The policy is sft-merged plus a new zero-initialised LoRA adapter, on the engine sft-merged was trained with.
+`dpo.trainer` goes straight into trl.DPOConfig, except the keys the stage sets itself (config validation refuses
+them); its `report_to` (default [dvclive]) picks the trackers: DVCLive writes loss, rewards/margins, accuracies
+... per step to dvclive/dpo.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 from typing import Any, Literal
 
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig, load_params
-from stages.common.engine import device, load_for_training, resolve_engine, write_meta
+from stages.common.engine import device, load_for_training, write_meta
 from stages.common.io import hash_dir, require, run_main, write_json
+from stages.common.reference_logps import dpo_spec, load_reference_logps, sft_merged_engine
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -28,21 +31,20 @@ from stages.common.training import (
     last_checkpoint,
     load_rows,
     mixed_precision,
-    precision,
     relaunch_distributed,
+    report_to_trackers,
     run_key,
-    summarize,
+    trl_config,
     trl_text_rows,
-    write_loss_curve,
 )
-from stages.reference import dpo_spec, load_reference_logps
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("id", "prompt", "chosen", "rejected")
-# stored: log-probs from data/reference (the stage's way). adapter: TRL's implicit reference, a forward with
-# the adapter disabled every step. model: a second, frozen copy of sft-merged. The last two exist to measure.
-ReferenceMode = Literal["stored", "adapter", "model"]
+# Where the reference log-probs come from. stored: data/reference_logps, written by the `reference` stage (the
+# stage's way). adapter: TRL's implicit reference, a forward with the adapter disabled every step. model: a second,
+# frozen copy of sft-merged. The last two exist to measure.
+RefLogps = Literal["stored", "adapter", "model"]
 
 
 def peak_rss_mb() -> float:
@@ -61,21 +63,21 @@ def with_reference(rows: list[dict[str, Any]], stored: dict[str, dict[str, float
 
 
 def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig,
-        reference_mode: ReferenceMode = "stored") -> dict[str, Any]:
+        ref_logps: RefLogps = "stored") -> dict[str, Any]:
     from datasets import Dataset
 
-    reference = require(paths.sft_merged, "merged SFT model")
+    sft_merged = require(paths.sft_merged, "merged SFT model (the DPO reference)")
     train_file = require(paths.formatted / "dpo_train.jsonl", "formatted DPO data")
     eval_file = require(paths.formatted / "dpo_eval.jsonl", "formatted DPO data")
     train_rows, eval_rows = load_rows(train_file, COLUMNS), load_rows(eval_file, COLUMNS)
-    reference_hash = hash_dir(reference)
+    sft_merged_hash = hash_dir(sft_merged)
     ref_inputs = []
-    if reference_mode == "stored":  # checked before any model is loaded
-        settings = (resolve_engine(sft_cfg.engine), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
-                    reference_hash)
+    if ref_logps == "stored":  # checked before any model is loaded
+        settings = (sft_merged_engine(paths, sft_cfg), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
+                    sft_merged_hash)
         train_rows = with_reference(train_rows, load_reference_logps(paths, "dpo_train", *settings))
         eval_rows = with_reference(eval_rows, load_reference_logps(paths, "dpo_eval", *settings))
-        ref_inputs = [paths.reference / "dpo_train.jsonl", paths.reference / "dpo_eval.jsonl"]
+        ref_inputs = [paths.reference_logps / "dpo_train.jsonl", paths.reference_logps / "dpo_eval.jsonl"]
     else:
         train_rows = [{c: r[c] for c in COLUMNS[1:]} for r in train_rows]
         eval_rows = [{c: r[c] for c in COLUMNS[1:]} for r in eval_rows]
@@ -86,26 +88,21 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     train = Dataset.from_list(trl_text_rows(tokenizer, train_rows))
     evaluation = Dataset.from_list(trl_text_rows(tokenizer, eval_rows))
     key = run_key([train_file, eval_file, *ref_inputs],
-                  {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "reference": reference_hash,
-                   "engine": engine, "reference_mode": reference_mode})
+                  {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "sft_merged": sft_merged_hash,
+                   "engine": engine, "ref_logps": ref_logps})
     out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
-    trainer_args = {**cfg.trainer, **precision(cfg.trainer)}  # fp32 on CPU unless dpo.trainer says otherwise
-    args = TrlDPOConfig(
-        output_dir=str(out_dir),
-        beta=cfg.beta,
-        max_length=model_cfg.max_seq_length,
-        report_to=[],
-        use_cpu=device() == "cpu",
-        **trainer_args,
-    )
+    # fp32 on CPU unless dpo.trainer says otherwise (trl_config)
+    args = trl_config(TrlDPOConfig, "dpo.trainer", cfg.trainer, output_dir=str(out_dir), beta=cfg.beta,
+                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu")
     ref_model = None
-    if reference_mode == "model":
+    if ref_logps == "model":
         from stages.common.engine import load_causal_lm
 
-        ref_model = load_causal_lm(str(reference), dtype=next(model.parameters()).dtype).eval()
+        ref_model = load_causal_lm(str(sft_merged), dtype=next(model.parameters()).dtype).eval()
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
                          eval_dataset=evaluation, processing_class=tokenizer)
-    if reference_mode == "stored":
+    report_to_trackers(trainer, paths, "dpo", key)
+    if ref_logps == "stored":
         # TRL's loss then reads ref_chosen_logps / ref_rejected_logps from the batch (its collator passes the
         # columns through) instead of running the reference; DPOConfig.precompute_ref_log_probs stays False
         # so TRL does not compute them again itself.
@@ -115,22 +112,20 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     runtime = time.perf_counter() - started
     final_eval = trainer.evaluate()
 
-    history = trainer.state.log_history
     if trainer.is_world_process_zero():  # under `accelerate launch` only rank 0 writes
         paths.dpo.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(paths.dpo)
         tokenizer.save_pretrained(paths.dpo)
-        write_meta(paths.dpo, stage="dpo", base=str(reference), reference_sha256=reference_hash, engine=engine,
+        write_meta(paths.dpo, stage="dpo", base=str(sft_merged), sft_merged_sha256=sft_merged_hash, engine=engine,
                    run_key=key)
-        write_loss_curve(history, paths.reports / "dpo_loss.csv")
     finish_run(out_dir)
-    return {
-        **summarize(history),
+    return {  # the step metrics (loss, rewards/margins, rewards/accuracies ...) are DVCLive's, in dvclive/dpo
+        "steps": trainer.state.global_step,
         "beta": cfg.beta,
         "engine": engine,
-        "reference": str(reference),
-        "reference_sha256": reference_hash,
-        "reference_logps": "stored in " + str(paths.reference) if reference_mode == "stored" else reference_mode,
+        "sft_merged": str(sft_merged),
+        "sft_merged_sha256": sft_merged_hash,
+        "ref_logps": "stored in " + str(paths.reference_logps) if ref_logps == "stored" else ref_logps,
         "train_pairs": len(train),
         "processes": trainer.args.world_size,
         "eval_rewards_margins": final_eval.get("eval_rewards/margins"),

@@ -25,7 +25,7 @@ from tests.repo import MINIMAL, clone, dvc, git, make_repo, run, set_params, sta
 
 pytestmark = pytest.mark.slow
 
-ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate"]
+ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export"]
 EXP = "beta-half"  # member B's experiment: dpo.beta 0.1 -> 0.5
 
 TEAM = MINIMAL
@@ -123,13 +123,13 @@ def test_b_gets_every_output_and_reruns_nothing(team, pulled):
     assert stages_run(pulled["repro"]) == [], pulled["repro"]
     assert pulled["files"] == digest(a, *outputs(a))
     assert (team["b"] / "reports/eval.json").read_bytes() == (a / "reports/eval.json").read_bytes()
-    needed = {"data/raw", "data/clean", "data/formatted", "data/reference", "models/base", "models/sft",
+    needed = {"data/raw", "data/clean", "data/formatted", "data/reference_logps", "models/base", "models/sft",
               "models/sft-merged", "models/dpo", "reports/eval.json"}
     assert needed <= set(outputs(a))
 
 
-def test_experiment_reruns_only_dpo_and_evaluate(experiment):
-    assert sorted(experiment["ran"]) == ["dpo", "evaluate"]
+def test_experiment_reruns_only_dpo_evaluate_and_export(experiment):
+    assert sorted(experiment["ran"]) == ["dpo", "evaluate", "export"]
 
 
 def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
@@ -142,7 +142,7 @@ def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
     assert EXP in exps, shown
     data = exps[EXP]["data"]
     assert data["params"]["params.yaml"]["data"]["dpo"]["beta"] == 0.5
-    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["dpo"]
+    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["eval"]["dpo"]
     table = dvc("exp", "show", "--csv", cwd=a).stdout
     assert EXP in table and "dpo.reward_margin" in table.splitlines()[0]
 
@@ -153,7 +153,7 @@ def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
     shutil.rmtree(a / "checkpoints", ignore_errors=True)  # training would recreate it
     out = dvc("repro", cwd=a).stdout
     assert stages_run(out) == [], out
-    for stage in ("dpo", "evaluate"):
+    for stage in ("dpo", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
     assert not (a / "checkpoints").exists()
     assert (a / "reports/eval.json").read_bytes() == original

@@ -10,7 +10,7 @@ length, so batch size and padding side change nothing either.
   one KV cache of their shared prompt, so each prompt runs once instead of twice.
 - `response_logprobs` / `masked_logprobs` score one response per sequence (perplexity uses them).
 - Both run the LM head only from the position before the first scored token on (`logits_to_keep`).
-- `reference_response_logprobs` is the slow one-example-at-a-time, unpadded version that the tests and
+- `oracle_response_logprobs` is the slow one-example-at-a-time, unpadded version that the tests and
   `bench/evaluate.py` compare against.
 """
 
@@ -283,10 +283,10 @@ def pair_logprobs(
     return tuple(LogprobResult(logps[side], [sum(e.mask) for e in enc[side]]) for side in enc)  # type: ignore[return-value]
 
 
-def reference_response_logprobs(
+def oracle_response_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]
 ) -> LogprobResult:
-    """Slow reference: one example at a time, no padding, full-vocabulary log-softmax over every position."""
+    """Slow oracle: one example at a time, no padding, full-vocabulary log-softmax over every position."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

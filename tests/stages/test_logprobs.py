@@ -1,4 +1,4 @@
-"""Batched log-probs agree with the slow one-at-a-time reference; perplexity is the pooled ratio."""
+"""Batched log-probs agree with the slow one-at-a-time oracle; perplexity is the pooled ratio."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from stages.common.logprobs import (
     PrefixMismatchError,
     encode_pairs,
     masked_logprobs,
+    oracle_response_logprobs,
     pair_logprobs,
     perplexity,
-    reference_response_logprobs,
     response_logprobs,
 )
 from stages.common.templates import LLAMA3
@@ -59,9 +59,9 @@ def _data(tok):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 16])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_batched_matches_reference(model, tok, batch_size, side):
+def test_batched_matches_oracle(model, tok, batch_size, side):
     prompts, responses = _data(tok)
-    ref = reference_response_logprobs(model, tok, prompts, responses)
+    ref = oracle_response_logprobs(model, tok, prompts, responses)
     got = response_logprobs(model, tok, prompts, responses, batch_size=batch_size, padding_side=side)
     assert got.n_tokens == ref.n_tokens
     assert len(set(got.n_tokens)) > 1  # lengths differ, so padding is exercised
@@ -120,7 +120,7 @@ def test_perplexity_is_pooled_over_tokens(model, tok):
     prompts, responses = _data(tok)
     enc = encode_pairs(tok, prompts, responses)
     rows = [(e.input_ids, e.mask) for e in enc]
-    ref = reference_response_logprobs(model, tok, prompts, responses)
+    ref = oracle_response_logprobs(model, tok, prompts, responses)
     want = math.exp(-sum(ref.logps) / sum(ref.n_tokens))
     got = perplexity(model, rows, batch_size=2, pad_token_id=tok.pad_token_id)
     assert got.n_tokens == sum(ref.n_tokens)
@@ -150,7 +150,7 @@ def test_pair_logprobs_match_reference_on_both_sides(model, tok, batch_size):
     rejected = _rejected(tok)
     got_c, got_r = pair_logprobs(model, tok, prompts, chosen, rejected, batch_size=batch_size)
     for got, responses in ((got_c, chosen), (got_r, rejected)):
-        ref = reference_response_logprobs(model, tok, prompts, responses)
+        ref = oracle_response_logprobs(model, tok, prompts, responses)
         assert got.n_tokens == ref.n_tokens
         assert got.logps == pytest.approx(ref.logps, abs=1e-4)
     # prompts of different lengths share a batch, so the left-padded prompt cache and the carried-on
@@ -169,8 +169,8 @@ def test_pair_logprobs_one_token_answers_and_eval_mode(model, tok):
     finally:
         model.eval()
     assert got_r.n_tokens == [1] * len(prompts)
-    assert got_r.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, one).logps, abs=1e-5)
-    assert got_c.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, chosen).logps, abs=1e-4)
+    assert got_r.logps == pytest.approx(oracle_response_logprobs(model, tok, prompts, one).logps, abs=1e-5)
+    assert got_c.logps == pytest.approx(oracle_response_logprobs(model, tok, prompts, chosen).logps, abs=1e-4)
 
 
 def test_pair_logprobs_rejects_an_empty_prompt(model, tok):
@@ -194,7 +194,7 @@ def test_models_that_return_every_position_score_the_same(model, tok):
     rejected = _rejected(tok)
     plain = _NoLogitsToKeep(model)
     assert plain(input_ids=torch.tensor([[1, 2, 3]]), logits_to_keep=1).logits.shape[1] == 3
-    want = reference_response_logprobs(model, tok, prompts, chosen).logps
+    want = oracle_response_logprobs(model, tok, prompts, chosen).logps
     assert response_logprobs(plain, tok, prompts, chosen, batch_size=2).logps == pytest.approx(want, abs=1e-4)
     assert pair_logprobs(plain, tok, prompts, chosen, rejected, batch_size=2)[0].logps == pytest.approx(want, abs=1e-4)
 
@@ -219,9 +219,9 @@ def test_models_without_a_kv_cache_fall_back_to_separate_scoring(model, tok, cap
     with caplog.at_level("INFO", logger="stages.common.logprobs"):
         got_c, got_r = pair_logprobs(_NoCache(model), tok, prompts, chosen, rejected, batch_size=2)
     assert "no reusable KV cache" in caplog.text
-    assert got_c.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, chosen).logps, abs=1e-4)
-    assert got_r.logps == pytest.approx(reference_response_logprobs(model, tok, prompts, rejected).logps, abs=1e-4)
-    assert got_r.n_tokens == reference_response_logprobs(model, tok, prompts, rejected).n_tokens
+    assert got_c.logps == pytest.approx(oracle_response_logprobs(model, tok, prompts, chosen).logps, abs=1e-4)
+    assert got_r.logps == pytest.approx(oracle_response_logprobs(model, tok, prompts, rejected).logps, abs=1e-4)
+    assert got_r.n_tokens == oracle_response_logprobs(model, tok, prompts, rejected).n_tokens
 
 
 class _Counting(torch.nn.Module):
