@@ -31,7 +31,7 @@ from stages.common.training import (
 )
 from tests.repo import REDUCED, VENV_BIN, dvc, make_repo, stages_run
 from tests.repo import env as repo_env
-from tests.tiny import LOAD_ADAPTER, ROOT, curve, run_python, run_stage, workspace
+from tests.tiny import ROOT, curve, run_python, run_stage, workspace
 from tests.tiny import env as tiny_env
 
 
@@ -187,11 +187,6 @@ print(json.dumps({"max_diff": max(float((t - theirs[k]).abs().max()) for k, t in
 """
 
 
-def curve(path: Path, column: str) -> dict[int, float]:
-    with path.open() as fh:
-        return {int(r["step"]): float(r[column]) for r in csv.DictReader(fh) if r[column]}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_sft_on_two_processes_trains_as_one_process_at_the_same_effective_batch(method, tiny, tmp_path):
@@ -224,17 +219,17 @@ def test_sft_on_two_processes_trains_as_one_process_at_the_same_effective_batch(
     assert (r2["processes"], r2["distributed_backend"], r2["distributed_type"]) == (2, "gloo", "MULTI_CPU")
     assert (r1["processes"], r1["distributed_type"]) == (1, "NO")
     assert r2["steps"] == r1["steps"] == 6  # 24 rows / 8 per step x 2 epochs
-    for column in ("loss", "eval_loss"):
-        c2, c1 = (curve(ws / "reports/sft_loss.csv", column) for ws in (two, one))
-        assert c2.keys() == c1.keys() and len(c2) >= (6 if column == "loss" else 2)
+    for metric in ("train/loss", "eval/loss"):  # DVCLive's curves (rank 0 alone logs)
+        c2, c1 = (curve(ws / "dvclive/sft", metric) for ws in (two, one))
+        assert c2.keys() == c1.keys() and len(c2) >= (6 if metric == "train/loss" else 2)
         for step, loss in c1.items():
-            assert c2[step] == pytest.approx(loss, rel=1e-4), (column, step, c2[step], loss)
+            assert c2[step] == pytest.approx(loss, rel=1e-4), (metric, step, c2[step], loss)
     assert r2["final_loss"] < r2["first_loss"]  # it trains
 
     saved = json.loads(run_python(SAVED.replace("sys.argv[1]", repr(str(one))), two).strip().splitlines()[-1])
     assert saved["max_diff"] < 1e-5, saved  # the 2-process model is the 1-process model
     assert saved["moved"] > 1e-3, saved  # ... and both moved away from the base
-    assert saved["eval_loss"] == pytest.approx(curve(two / "reports/sft_loss.csv", "eval_loss")[6], rel=1e-5)
+    assert saved["eval_loss"] == pytest.approx(curve(two / "dvclive/sft", "eval/loss")[6], rel=1e-5)
 
 
 def test_an_fsdp_accelerate_config_is_refused_without_cuda(tmp_path, monkeypatch):
