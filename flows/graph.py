@@ -95,9 +95,15 @@ class StageGraph:
 
     def producer(self, path: str) -> str | None:
         """The stage whose declared output is path or contains it; None for a file git tracks."""
+        found = self.output(path)
+        return found[0] if found else None
+
+    def output(self, path: str) -> tuple[str, str] | None:
+        """(stage, declared output) for the output that is path or contains it; None for a file git tracks."""
         for stage, outs in self.outs.items():
-            if any(path == out or path.startswith(out.rstrip("/") + "/") for out in outs):
-                return stage
+            for out in outs:
+                if path == out or path.startswith(out.rstrip("/") + "/"):
+                    return stage, out
         return None
 
 

@@ -300,10 +300,17 @@ def follow(flow_run_id: Any, stage: str, pool: str, logger: Any) -> tuple[Any, s
 
 
 def push_deps(root: Path, graph: StageGraph, stage: str, logger: Any) -> None:
-    """Push the outputs of other stages this stage reads, so the worker can pull them."""
-    deps = [d for d in graph.deps.get(stage, ()) if graph.producer(d) not in (None, stage)]
-    if deps:
-        run_dvc(root, logger, "--wait-for-lock", "push", *deps)
+    """Push the outputs of other stages this stage reads, so the worker can pull them.
+
+    Whole declared outputs, never a file inside a directory output: `dvc push dir/file` sends the directory's
+    .dir listing with that one file, and every later push of another file in it then finds the listing on the
+    remote and takes the whole directory as pushed ("Everything is up to date", DVC 3.x), so the worker's pull
+    of that file fails.
+    """
+    outs = dict.fromkeys(found[1] for d in graph.deps.get(stage, ())
+                         if (found := graph.output(d)) and found[0] != stage)
+    if outs:
+        run_dvc(root, logger, "--wait-for-lock", "push", *outs)
 
 
 def place_stage(stage: str, pool: str, root: Path, commit: str, graph: StageGraph, logger: Any) -> Placed:

@@ -98,7 +98,10 @@ def local_cluster(root: Path, overrides: dict[str, Any], pools: Mapping[str, str
 
     with local_server(root / "prefect-home") as server_env:
         env = {**repo_env(), **server_env, "PREFECT_WORKER_QUERY_SECONDS": "2",
-               "PREFECT_WORKER_HEARTBEAT_SECONDS": "2"}  # Prefect calls a worker offline after 3 missed: ~6 s
+               "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",  # Prefect calls a worker offline after 3 missed: ~6 s
+               # PEFT writes adapter_config.json's target_modules from a set: one string-hash order on every
+               # worker, so two machines' adapters (and what export records of them) compare byte for byte
+               "PYTHONHASHSEED": "0"}
         cluster = Cluster(root, env, remote, paths)
         try:
             for pool, deployment in pools.items():
