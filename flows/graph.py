@@ -27,10 +27,17 @@ class GraphError(ValueError):
 
 @dataclass(frozen=True)
 class StageGraph:
-    """Stages (repo-relative addresses) with their direct upstream stages and declared outputs."""
+    """Stages (repo-relative addresses) with their direct upstream stages and declared outputs.
+
+    From DVC's index (not from `dvc dag --dot`) also each stage's file deps, its params (file, key) and,
+    for a stage DVC's run-cache cannot carry to another machine, the reason.
+    """
 
     upstream: Mapping[str, frozenset[str]]
     outs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    deps: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    params: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    no_run_cache: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def stages(self) -> list[str]:
@@ -81,7 +88,23 @@ class StageGraph:
         return StageGraph(
             upstream={s: self.upstream[s] & keep for s in keep},
             outs={s: o for s, o in self.outs.items() if s in keep},
+            deps={s: d for s, d in self.deps.items() if s in keep},
+            params={s: p for s, p in self.params.items() if s in keep},
+            no_run_cache={s: r for s, r in self.no_run_cache.items() if s in keep},
         )
+
+    def producer(self, path: str) -> str | None:
+        """The stage whose declared output is path or contains it; None for a file git tracks."""
+        found = self.output(path)
+        return found[0] if found else None
+
+    def output(self, path: str) -> tuple[str, str] | None:
+        """(stage, declared output) for the output that is path or contains it; None for a file git tracks."""
+        for stage, outs in self.outs.items():
+            for out in outs:
+                if path == out or path.startswith(out.rstrip("/") + "/"):
+                    return stage, out
+        return None
 
 
 def _address(stage, root: Path) -> str:
@@ -92,11 +115,30 @@ def _address(stage, root: Path) -> str:
     return name if relpath == "dvc.yaml" else f"{relpath}:{name}"
 
 
+def _no_run_cache(stage) -> str | None:
+    """Why DVC's run-cache cannot restore this stage elsewhere (dvc/stage/cache.py `_can_hash`), or None."""
+    if stage.always_changed:
+        return "always_changed: true"
+    if not (stage.cmd and stage.deps and stage.outs):
+        return "no " + ("cmd" if not stage.cmd else "deps" if not stage.deps else "outs")
+    for out in stage.outs:
+        if out.persist:
+            return f"output {out.def_path} is persist: true"
+        if not out.use_cache:
+            return f"output {out.def_path} is cache: false (not restorable in another clone)"
+    return None
+
+
 def graph_from_index(root: Path) -> StageGraph:
     """Read the graph from DVC's repo index; plain data sources (`dvc add` files) are left out."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     root = Path(root)
+
+    def rel(path: str) -> str:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+
     with Repo(str(root)) as repo:
         graph = repo.index.graph
         stages = [s for s in graph.nodes if not s.is_data_source]
@@ -104,13 +146,14 @@ def graph_from_index(root: Path) -> StageGraph:
         upstream = {
             address[s]: frozenset(address[d] for d in graph.successors(s) if d in address) for s in stages
         }
-        outs = {
-            address[s]: tuple(
-                Path(o.fs_path).resolve().relative_to(root.resolve()).as_posix() for o in s.outs
-            )
-            for s in stages
-        }
-    return StageGraph(upstream=upstream, outs=outs)
+        outs = {address[s]: tuple(rel(o.fs_path) for o in s.outs) for s in stages}
+        deps = {address[s]: tuple(rel(d.fs_path) for d in s.deps if not isinstance(d, ParamsDependency))
+                for s in stages}
+        params = {address[s]: tuple((rel(d.fs_path), key) for d in s.deps if isinstance(d, ParamsDependency)
+                                    for key in d.params or [""])
+                  for s in stages}
+        no_run_cache = {address[s]: why for s in stages if (why := _no_run_cache(s))}
+    return StageGraph(upstream=upstream, outs=outs, deps=deps, params=params, no_run_cache=no_run_cache)
 
 
 _NODE = re.compile(r'^\s*"(?P<a>[^"]+)"\s*;\s*$')

@@ -1,7 +1,8 @@
 """Prefect flow over tuneforge's DVC stages: one task per stage, graph read from DVC at run time.
 
 DVC decides what is stale (lock file, run-cache); Prefect adds parallel independent stages,
-retries, schedules, run history, logs and artifacts.
+retries, schedules, run history, logs and artifacts. With params.yaml `placement:`, stages named there
+run on Prefect work pools' workers and come back through DVC's remote and run-cache (flows/placement.py).
 
     python -m flows.pipeline                  # the whole DAG
     python -m flows.pipeline sft --force      # `sft` and its upstream stages, forced
@@ -12,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,21 +28,12 @@ from prefect.futures import wait
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from flows.graph import GraphError, StageGraph, dvc_command, read_graph
+from flows import placement
+from flows.graph import GraphError, StageGraph, read_graph
+from flows.placement import PlacementError
+from flows.repro import STATE_NAMES, run_dvc_stage
 
-# What DVC did with a stage, from its own log lines (dvc/stage/__init__.py, run.py, cache.py).
-RAN, SKIPPED, RESTORED, UNKNOWN = "ran", "skipped", "restored", "unknown"
 FAILED, NOT_RUN = "failed", "not run"
-STATE_NAMES = {RAN: "Completed", SKIPPED: "Skipped", RESTORED: "Restored"}  # task run state per outcome
-_OUTCOMES = (
-    (re.compile(r"Stage '.+' is cached - skipping run, checking out outputs"), RESTORED),
-    (re.compile(r"Running stage '.+'"), RAN),
-    (re.compile(r"Stage '.+' didn't change, skipping"), SKIPPED),
-)
-
-
-class StageFailed(RuntimeError):
-    """`dvc repro` of one stage exited non-zero."""
 
 
 class PipelineFailed(RuntimeError):
@@ -55,6 +45,9 @@ class StageResult:
     stage: str
     outcome: str
     seconds: float
+    pool: str | None = None  # a stage placed on a work pool: the pool, the worker, the remote flow run's URL
+    worker: str | None = None
+    flow_run: str | None = None
 
 
 # ---------------------------------------------------------------- params (tolerant peeks)
@@ -122,61 +115,31 @@ def retry_options(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- one stage
 
 
-def parse_outcome(lines: list[str]) -> str:
-    """Ran, skipped or restored-from-run-cache, from DVC's output for one stage."""
-    for line in lines:
-        for pattern, outcome in _OUTCOMES:
-            if pattern.search(line):
-                return outcome
-    return UNKNOWN
-
-
-def terminal_line(raw: bytes) -> str:
-    """What a terminal shows for one output line: progress bars redraw with \\r, keep the last one."""
-    return raw.decode(errors="replace").rstrip("\r\n").split("\r")[-1].rstrip()
-
-
-def _stage_env() -> dict[str, str]:
-    # Stage commands say `python -m ...`: put this interpreter's bin dir first so they use the venv.
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def run_dvc_stage(stage: str, root: Path, force: bool, logger: Any) -> str:
-    """Run `dvc --wait-for-lock repro --single-item STAGE` from root, streaming its output to logger."""
-    cmd = dvc_command("--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage)
-    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))
-    lines: list[str] = []
-    with subprocess.Popen(
-        cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            if line := terminal_line(raw):
-                lines.append(line)
-                logger.info("%s", line)
-        code = proc.wait()
-    if code:
-        tail = "\n".join(lines[-15:])
-        raise StageFailed(f"stage {stage!r} failed: dvc exited with {code}\n{tail}")
-    return parse_outcome(lines)
-
-
 @task(cache_policy=NO_CACHE)
-def run_stage(stage: str, root: str, force: bool = False) -> State[StageResult]:
-    """Reproduce one DVC stage; report whether DVC ran, skipped or restored it."""
+def run_stage(
+    stage: str, root: str, force: bool = False, pool: str | None = None, commit: str | None = None,
+    graph: StageGraph | None = None,
+) -> State[StageResult]:
+    """Reproduce one DVC stage here, or on its work pool; report whether DVC ran, skipped or restored it."""
     logger = get_run_logger()
     start = time.perf_counter()
-    outcome = run_dvc_stage(stage, Path(root), force, logger)
+    placed = None
+    if pool is None:
+        outcome = run_dvc_stage(stage, Path(root), force, logger)
+    else:
+        assert commit is not None and graph is not None
+        placed = placement.place_stage(stage, pool, Path(root), commit, graph, logger)
+        outcome = placed.outcome
     seconds = round(time.perf_counter() - start, 2)
     logger.info("stage %r: %s (%.1f s)", stage, outcome, seconds)
-    # A Completed state named after the outcome, so the dashboard shows Skipped / Restored per stage.
-    return Completed(
-        name=STATE_NAMES.get(outcome, "Completed"),
-        message=f"DVC {outcome} stage {stage!r}",
-        data=StageResult(stage, outcome, seconds),
-    )
+    result = StageResult(stage, outcome, seconds)
+    message = f"DVC {outcome} stage {stage!r}"
+    if placed is not None and placed.pool:
+        result = StageResult(stage, outcome, seconds, placed.pool, placed.worker, placed.url)
+        message += f" (worker {placed.worker!r}, flow run {placed.flow_run!r} {placed.url or ''})"
+    # A Completed state named after the outcome, so the dashboard shows Skipped / Restored / Ran on pool X.
+    return Completed(name=STATE_NAMES.get(outcome, outcome[:1].upper() + outcome[1:]), message=message,
+                     data=result)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -196,13 +159,6 @@ ARTIFACTS = (
     ReportArtifact("generation-cost", ("generation.json",), "Generation cost and counts"),
     ReportArtifact("model-card", ("README.md",), "Model card of the exported model", ("paths.final", "models/final")),
 )
-
-
-def _producer(path: str, outs: Mapping[str, tuple[str, ...]]) -> str | None:
-    for stage, paths in outs.items():
-        if any(path == out or path.startswith(out.rstrip("/") + "/") for out in paths):
-            return stage
-    return None
 
 
 def _flatten(value: Any, prefix: str = "") -> list[dict[str, Any]]:
@@ -226,7 +182,7 @@ def publish_artifacts(root: Path, graph: StageGraph, done: set[str], params: Map
     for art in ARTIFACTS:
         folder = Path(str(lookup(params, *art.folder)))
         rel = [(folder / name).as_posix() for name in art.files]
-        producer = next((p for f in rel if (p := _producer(f, graph.outs))), None)
+        producer = next((p for f in rel if (p := graph.producer(f))), None)
         if producer is not None and producer not in done:
             continue
         path = next((root / f for f in rel if (root / f).is_file()), None)
@@ -258,12 +214,22 @@ def pipeline(targets: list[str] | None = None, force: bool = False, repo: str = 
     graph = full.subgraph(targets)
     params = read_params(root)
     logger.info("stages: %s", ", ".join(graph.stages))
+    cfg = placement.read_placement(params, full)
+    placed = placement.placed_stages(cfg, graph.stages)
+    commit = None
+    if placed:
+        if force:
+            raise PlacementError("--force reruns stages in this workspace; it cannot be combined with placement "
+                                 f"({', '.join(f'{s} on {p}' for s, p in placed.items())})")
+        commit = placement.preflight(root, full, placed, cfg)
+        logger.info("placement at commit %s: %s", commit[:12], ", ".join(f"{s} -> {p}" for s, p in placed.items()))
 
     futures = {}
     for stage in graph.stages:
         task_ = run_stage.with_options(task_run_name=stage, **retry_options(stage, params))
         upstream = [futures[u] for u in sorted(graph.upstream[stage])]
-        futures[stage] = task_.submit(stage, str(root), force, wait_for=upstream)
+        where = {"pool": placed[stage], "commit": commit, "graph": full} if stage in placed else {}
+        futures[stage] = task_.submit(stage, str(root), force, wait_for=upstream, **where)
     wait(list(futures.values()))
 
     outcomes: dict[str, str] = {}
@@ -271,9 +237,12 @@ def pipeline(targets: list[str] | None = None, force: bool = False, repo: str = 
     errors = {}
     for stage, future in futures.items():
         state = future.state
+        row: dict[str, Any] = {"stage": stage}
         if state.is_completed():
             result: StageResult = future.result()
             outcomes[stage], seconds = result.outcome, result.seconds
+            if placed:
+                row |= {"pool": result.pool, "worker": result.worker, "flow_run": result.flow_run}
         elif state.is_failed() or state.is_crashed():
             outcomes[stage], seconds = FAILED, None
             exc = future.result(raise_on_failure=False)
@@ -281,7 +250,7 @@ def pipeline(targets: list[str] | None = None, force: bool = False, repo: str = 
             errors[stage] = message.splitlines()[0]
         else:
             outcomes[stage], seconds = NOT_RUN, None
-        rows.append({"stage": stage, "outcome": outcomes[stage], "seconds": seconds})
+        rows.append({**row, "outcome": outcomes[stage], "seconds": seconds})
     create_table_artifact(rows, key="dvc-stages", description="What DVC did with each stage in this run")
 
     done = {s for s, o in outcomes.items() if o not in (FAILED, NOT_RUN)}
@@ -308,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         pipeline(targets=args.targets or None, force=args.force, repo=args.repo)
-    except (PipelineFailed, GraphError) as err:
+    except (PipelineFailed, GraphError, PlacementError) as err:
         sys.exit(f"pipeline failed: {err}")
 
 

@@ -26,6 +26,7 @@ from stages.common.io import require, run_main, write_json
 from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import (
     checkpoint_dir,
+    distributed_type,
     finish_run,
     is_main_process,
     last_checkpoint,
@@ -125,6 +126,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
         "packing": bool(args.packing),
         "processes": trainer.args.world_size,
         "distributed_backend": backend,
+        "distributed_type": distributed_type(trainer.accelerator),  # DDP (MULTI_CPU/GPU), FSDP1/2, DEEPSPEED
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_rows": len(train),
         "runtime_s": round(runtime, 2),

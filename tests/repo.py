@@ -109,6 +109,16 @@ def stages_run(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
+def git(*args: str, cwd: Path) -> str:
+    return run(["git", *args], cwd=cwd).stdout
+
+
+def clone(server: Path, dest: Path) -> Path:
+    """A new member (or machine): `git clone` of the server with a committer identity of its own."""
+    run(["git", "clone", "-q", str(server), str(dest)], cwd=server.parent)
+    git("config", "user.email", f"{dest.name}@tuneforge.invalid", cwd=dest)
+    git("config", "user.name", dest.name, cwd=dest)
+    return dest
 def fake_outputs(repo: Path) -> None:
     """Placeholder files for every declared output (and the files stages read inside them), so `dvc commit` can
     record a finished pipeline without running it: for tests of what DVC reruns."""

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.claude_server import ClaudeServer
-from tests.repo import MINIMAL, dvc, make_repo, run, set_params, stages_run
+from tests.repo import MINIMAL, clone, dvc, git, make_repo, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +29,6 @@ ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "d
 EXP = "beta-half"  # member B's experiment: dpo.beta 0.1 -> 0.5
 
 TEAM = MINIMAL
-
-
-def git(*args: str, cwd: Path) -> str:
-    return run(["git", *args], cwd=cwd).stdout
-
-
-def clone(server: Path, dest: Path) -> Path:
-    """A new member: `git clone` of the server with a committer identity."""
-    run(["git", "clone", "-q", str(server), str(dest)], cwd=server.parent)
-    git("config", "user.email", f"{dest.name}@tuneforge.invalid", cwd=dest)
-    git("config", "user.name", dest.name, cwd=dest)
-    return dest
 
 
 def project(dest: Path, overrides: dict[str, Any]) -> Path:

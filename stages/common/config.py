@@ -11,10 +11,18 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
@@ -381,6 +389,21 @@ class ExportConfig(Strict):
         return self
 
 
+PoolName = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^/%&><]+$")]  # a Prefect work pool name
+
+
+class PlacementConfig(Strict):
+    """Where the Prefect flow runs each stage (flows/placement.py). No stage reads it: placement never
+    changes a result, only which machine computes it."""
+
+    default: PoolName | None = None  # work pool for stages not in `stages`; null = the flow's own workspace
+    stages: dict[str, PoolName | None] = Field(default_factory=dict)  # stage -> pool (null = here)
+    git_remote: str = "origin"  # the git server the workers fetch commits from
+
+    def pool(self, stage: str) -> str | None:
+        return self.stages[stage] if stage in self.stages else self.default
+
+
 class Params(Strict):
     paths: PathsConfig
     model: ModelConfig = ModelConfig()
@@ -397,6 +420,7 @@ class Params(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    placement: PlacementConfig = PlacementConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stages.common.config import PathsConfig, TrainConfig
 from stages.common.engine import device
 from stages.common.io import InputError, iter_jsonl, require
@@ -55,16 +57,46 @@ def launch_command(module: str, cfg: TrainConfig) -> list[str]:
     return [*cmd, "-m", module]
 
 
+def check_accelerate_config(cfg: TrainConfig) -> None:
+    """Refuse an FSDP accelerate config without CUDA: accelerate (1.15) would not shard at all there.
+
+    Its AcceleratorState turns the FSDP plugin on only for GPU-like device types (accelerate/state.py),
+    so on CPU an FSDP2 config trains as plain DDP (MULTI_CPU) without a word, and an FSDP1 config fails
+    in FullyShardedDataParallelPlugin.__post_init__ ("no available devices") when sync_module_states is on.
+    """
+    if cfg.accelerate_config is None or device() != "cpu":
+        return
+    path = require(cfg.accelerate_config, "train.accelerate_config")
+    try:
+        kind = str((yaml.safe_load(path.read_text()) or {}).get("distributed_type", ""))
+    except (yaml.YAMLError, AttributeError) as err:
+        raise InputError(f"{path}: train.accelerate_config is not an accelerate config mapping ({err})") from None
+    if kind.upper() == "FSDP":
+        raise InputError(
+            f"{path}: train.accelerate_config asks for FSDP, but there is no CUDA device here and accelerate "
+            "enables FSDP only on GPUs (on CPU it would silently train as DDP). For several CPU processes set "
+            "train.accelerate_config: null and keep train.num_processes (DDP over gloo).")
+
+
 def relaunch_distributed(module: str, cfg: TrainConfig) -> None:
     """With train.num_processes > 1 and not yet launched: re-run `module` under `accelerate launch` and
     exit with its status. Otherwise return and let the caller train in this process."""
     if cfg.num_processes <= 1 or launched():
         return
+    check_accelerate_config(cfg)
     cmd = launch_command(module, cfg)
     log.info("train.num_processes=%d: %s", cfg.num_processes, " ".join(cmd))
     env = {**os.environ, LAUNCHED: "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
     raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def distributed_type(accelerator: Any) -> str:
+    """How the processes shared the model, from accelerate's own state: NO (one process), MULTI_CPU or
+    MULTI_GPU (DDP), FSDP1 or FSDP2 (the torch FSDP API accelerate drove), DEEPSPEED."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return f"FSDP{plugin.fsdp_version}" if kind == "FSDP" and plugin is not None else kind
 
 
 def precision(trainer: dict[str, Any]) -> dict[str, bool]:

@@ -24,17 +24,8 @@ from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import pipeline as pl
-from flows.pipeline import (
-    RAN,
-    RESTORED,
-    SKIPPED,
-    UNKNOWN,
-    StageFailed,
-    parse_outcome,
-    pipeline,
-    retry_options,
-    terminal_line,
-)
+from flows.pipeline import pipeline, retry_options
+from flows.repro import RAN, RESTORED, SKIPPED, StageFailed
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -198,23 +189,19 @@ def test_artifacts_from_reports_on_the_flow_run(tmp_path: Path, stub: StubRunner
     }
 
 
+def test_a_bad_placement_or_force_with_placement_fails_before_any_stage(tmp_path: Path, stub: StubRunner) -> None:
+    root = make_toy_repo(tmp_path / "r", params={"placement": {"stages": {"e": "gpu"}}})
+    state = pipeline(repo=str(root), return_state=True)
+    assert state.is_failed() and "placement.stages names 'e', not in dvc.yaml" in state.message
+    (root / "params.yaml").write_text(yaml.safe_dump({"placement": {"stages": {"d": "gpu"}}}))
+    state = pipeline(repo=str(root), force=True, return_state=True)
+    assert state.is_failed() and "--force" in state.message and "d on gpu" in state.message
+    assert not stub.calls
+    (root / "params.yaml").write_text(yaml.safe_dump({"placement": {"stages": {"d": None}}}))  # null = here
+    assert pipeline(repo=str(root)) == dict.fromkeys("abcd", RAN)
+
+
 # ---------------------------------------------------------------- pure helpers
-
-
-def test_parse_outcome_reads_dvc_messages() -> None:
-    assert parse_outcome(["Running stage 'sft':", "> python -m stages.sft"]) == RAN
-    assert (
-        parse_outcome(["Stage 'sft' didn't change, skipping", "Data and pipelines are up to date."])
-        == SKIPPED
-    )
-    assert parse_outcome(["Stage 'sft' is cached - skipping run, checking out outputs"]) == RESTORED
-    assert parse_outcome(["something else"]) == UNKNOWN
-
-
-def test_progress_bar_redraws_log_once() -> None:
-    assert terminal_line(b"train:  10%|#  | 1/10\rtrain: 100%|###| 10/10\r\n") == "train: 100%|###| 10/10"
-    assert terminal_line(b"Running stage 'a':\n") == "Running stage 'a':"
-    assert terminal_line(b"caf\xc3\xa9 \xff\n") == "caf\u00e9 \ufffd"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.config import TrainConfig, load_params
+from stages.common.config import TrainConfig, deep_merge, load_params
 from stages.common.io import InputError
 from stages.common.training import (
     checkpoint_dir,
@@ -31,7 +31,8 @@ from stages.common.training import (
 )
 from tests.repo import REDUCED, VENV_BIN, dvc, make_repo, stages_run
 from tests.repo import env as repo_env
-from tests.tiny import LOAD_ADAPTER, curve, run_python, run_stage, workspace
+from tests.tiny import ROOT, curve, run_python, run_stage, workspace
+from tests.tiny import env as tiny_env
 
 
 def write(path: Path, text: str) -> Path:
@@ -145,19 +146,103 @@ def test_checkpoints_of_other_data_or_params_are_never_resumed(tiny, tmp_path, m
     assert list((ws / "checkpoints/sft").iterdir()) == []  # the finished run removed its own checkpoints
 
 
+# --- several processes: DDP on CPU, and why not FSDP ------------------------------------------------------
+
+FSDP2 = ROOT / "presets/accelerate/fsdp2.yaml"
+# Evaluated every 3 steps one row at a time, so a 2-process eval (rows split between ranks, then averaged)
+# and a 1-process eval average the same per-row losses.
+SAME_BATCH = {"num_train_epochs": 2, "eval_strategy": "steps", "eval_steps": 3, "save_strategy": "no",
+              "load_best_model_at_end": False, "per_device_eval_batch_size": 1}
+
+# Loads models/sft in a fresh process (no unsloth patches), compares its tensors with another run's and with
+# the base, and evaluates it with TRL on the formatted eval rows as the stage's trainer did; one JSON line.
+SAVED = """
+import json, sys, torch
+from pathlib import Path
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+from stages.common.engine import use_torch_logprob_without_cuda
+from stages.common.training import load_rows
+use_torch_logprob_without_cuda()  # as the stage's engine does on CPU
+other = Path(sys.argv[1])
+name = "adapter_model.safetensors" if Path("models/sft/adapter_config.json").exists() else "model.safetensors"
+mine, theirs = load_file(f"models/sft/{name}"), load_file(other / "models/sft" / name)
+assert mine.keys() == theirs.keys()
+base = load_file("models/base/model.safetensors")
+moved = max(float((t - base[k]).abs().max()) if k in base else float(t.abs().max())
+            for k, t in mine.items() if "lora_A" not in k)
+model = AutoModelForCausalLM.from_pretrained("models/base" if name.startswith("adapter") else "models/sft")
+if name.startswith("adapter"):
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, "models/sft")
+rows = Dataset.from_list(load_rows(Path("data/formatted/sft_eval.jsonl"), ("input_ids", "assistant_masks")))
+args = SFTConfig(output_dir="/tmp/tuneforge-saved-eval", report_to=[], use_cpu=True, bf16=False,
+                 per_device_eval_batch_size=1, max_length=256)
+trainer = SFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                     processing_class=AutoTokenizer.from_pretrained("models/sft"))
+print(json.dumps({"max_diff": max(float((t - theirs[k]).abs().max()) for k, t in mine.items()),
+                  "moved": moved, "eval_loss": trainer.evaluate()["eval_loss"]}))
+"""
+
+
 @pytest.mark.slow
-def test_sft_with_two_processes_under_accelerate_launch(tiny, tmp_path):
-    """train.num_processes: 2 -> DDP over gloo on CPU; rank 0 alone writes the adapter and the report."""
-    ws = workspace(tiny, tmp_path, {"train": {"num_processes": 2}, "sft": {"engine": "auto", "trainer": {
-        "num_train_epochs": 1, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}}})
-    out = run_stage("stages.sft", ws).stdout
-    assert "accelerate.commands.launch --num_processes 2" in out
-    report = json.loads((ws / "reports/sft.json").read_text())
-    assert report["processes"] == 2 and report["distributed_backend"] == "gloo"
-    assert report["steps"] == 3  # 24 rows / (batch 4 x 2 processes)
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sft_on_two_processes_trains_as_one_process_at_the_same_effective_batch(method, tiny, tmp_path):
+    """2 processes over gloo with batch 4 each against 1 process with batch 4 x 2 accumulation steps: accelerate
+    hands the processes alternate batches of one seeded sampler, so each optimizer step sees the same 8 rows.
+    The loss curves, eval losses and saved weights must agree; rank 0 alone writes, and the saved model
+    evaluates to the eval loss rank 0 reported.
+
+    lora runs as the pipeline does (train.num_processes: 2, the stage relaunches itself: DDP). full is launched
+    with presets/accelerate/fsdp2.yaml directly, as `accelerate launch --config_file ... -m stages.sft` would,
+    past the stage's refusal: accelerate 1.15 sets up MULTI_CPU for it, plain DDP, without a word, which is
+    why the stage refuses FSDP without CUDA. If that assertion fails because accelerate now shards on CPU,
+    lift check_accelerate_config's refusal: the rest of this test then checks FSDP."""
+    common = {"sft": {"method": method, "engine": "transformers", "trainer": SAME_BATCH,
+                      "lora": {"dropout": 0.0}}}  # dropout masks are drawn per process: off, to compare
+    two = workspace(tiny, tmp_path / "two", deep_merge(common, {"train": {"num_processes": 2}}))
+    one = workspace(tiny, tmp_path / "one", deep_merge(common, {"sft": {"trainer": {"gradient_accumulation_steps": 2}}}))
+    if method == "lora":
+        out = run_stage("stages.sft", two).stdout
+        assert "accelerate.commands.launch --num_processes 2" in out
+    else:
+        cmd = launch_command("stages.sft", TrainConfig(num_processes=2, accelerate_config=FSDP2, mixed_precision="no"))
+        proc = subprocess.run(cmd, cwd=two, env=tiny_env(TUNEFORGE_LAUNCHED="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=600)
+        out = proc.stdout
+        assert proc.returncode == 0, out[-4000:]
     assert out.count("sft done") == 1  # only rank 0 reports
-    loaded = json.loads(run_python(LOAD_ADAPTER, ws).strip().splitlines()[-1])
-    assert loaded["finite"] and loaded["lora_tensors"] > 0
+    run_stage("stages.sft", one)
+    r2, r1 = (json.loads((ws / "reports/sft.json").read_text()) for ws in (two, one))
+    assert (r2["processes"], r2["distributed_backend"], r2["distributed_type"]) == (2, "gloo", "MULTI_CPU")
+    assert (r1["processes"], r1["distributed_type"]) == (1, "NO")
+    assert r2["steps"] == r1["steps"] == 6  # 24 rows / 8 per step x 2 epochs
+    for metric in ("train/loss", "eval/loss"):  # DVCLive's curves (rank 0 alone logs)
+        c2, c1 = (curve(ws / "dvclive/sft", metric) for ws in (two, one))
+        assert c2.keys() == c1.keys() and len(c2) >= (6 if metric == "train/loss" else 2)
+        for step, loss in c1.items():
+            assert c2[step] == pytest.approx(loss, rel=1e-4), (metric, step, c2[step], loss)
+    losses = curve(two / "dvclive/sft", "train/loss")
+    assert losses[max(losses)] < losses[min(losses)]  # it trains
+
+    saved = json.loads(run_python(SAVED.replace("sys.argv[1]", repr(str(one))), two).strip().splitlines()[-1])
+    assert saved["max_diff"] < 1e-5, saved  # the 2-process model is the 1-process model
+    assert saved["moved"] > 1e-3, saved  # ... and both moved away from the base
+    assert saved["eval_loss"] == pytest.approx(curve(two / "dvclive/sft", "eval/loss")[6], rel=1e-5)
+
+
+def test_an_fsdp_accelerate_config_is_refused_without_cuda(tmp_path, monkeypatch):
+    from stages.common import training
+
+    monkeypatch.setattr(training, "device", lambda: "cpu")
+    with pytest.raises(InputError, match="fsdp2.yaml: train.accelerate_config asks for FSDP, but there is no CUDA"):
+        relaunch_distributed("stages.sft", TrainConfig(num_processes=2, accelerate_config=FSDP2))
+    ddp = write(tmp_path / "ddp.yaml", "distributed_type: MULTI_GPU\n")
+    training.check_accelerate_config(TrainConfig(num_processes=2, accelerate_config=ddp))
+    monkeypatch.setattr(training, "device", lambda: "cuda")
+    training.check_accelerate_config(TrainConfig(num_processes=2, accelerate_config=FSDP2))  # GPUs: FSDP
 
 
 @pytest.mark.slow
