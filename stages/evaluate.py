@@ -478,9 +478,10 @@ def check_gates(metrics: Mapping[str, Mapping[str, float]], gates: GatesConfig) 
         ordered("dpo_margin_above_sft", "dpo", "sft")
     if gates.sft_margin_above_base:
         ordered("sft_margin_above_base", "sft", "base")
-    if gates.base_margin_below_zero:  # the summed margin, the recipe's; per token is reported, not gated
+    if gates.base_margin_below_zero:  # summed and per-token: the base prefers the generic answer either way
         a, at = m["base"]["reward_margin"], m["base"]["reward_margin_per_token"]
-        out.append(GateResult("base_margin_below_zero", a < 0, f"base reward_margin {a:.4f} (per token {at:.4f})"))
+        out.append(GateResult("base_margin_below_zero", a < 0 and at < 0,
+                              f"base reward_margin {a:.4f}, per token {at:.4f}"))
     if gates.sft_max_ppl_ratio is not None:
         ratio = m["sft"]["perplexity"] / m["base"]["perplexity"]
         out.append(GateResult("sft_max_ppl_ratio", ratio <= gates.sft_max_ppl_ratio,
@@ -505,9 +506,11 @@ def check_gates(metrics: Mapping[str, Mapping[str, float]], gates: GatesConfig) 
     if gates.mention_at_least_base and have("subject_mention_share", *MODELS):
         b = m["base"]["subject_mention_share"]
         ok = all(m[n]["subject_mention_share"] >= b for n in ("sft", "dpo"))
+        vacuous = " (no model names a subject: this pass checks nothing)" if not any(
+            m[n]["subject_mention_share"] for n in MODELS) else ""
         out.append(GateResult("mention_at_least_base", ok,
                               f"subject mentioned: sft {m['sft']['subject_mention_share']:.3f}, dpo "
-                              f"{m['dpo']['subject_mention_share']:.3f} vs base {b:.3f}"))
+                              f"{m['dpo']['subject_mention_share']:.3f} vs base {b:.3f}{vacuous}"))
     if gates.dpo_max_repetition_rise is not None and have("repeated_4gram_share", "sft", "dpo"):
         a, b = m["dpo"]["repeated_4gram_share"], m["sft"]["repeated_4gram_share"]
         out.append(GateResult("dpo_max_repetition_rise", a <= b + gates.dpo_max_repetition_rise,

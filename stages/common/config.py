@@ -317,7 +317,7 @@ class GatesConfig(Strict):
 
     dpo_margin_above_sft: bool = True  # DPO reward margin > SFT's, summed and per token
     sft_margin_above_base: bool = True  # SFT reward margin > base's, summed and per token
-    base_margin_below_zero: bool = True  # the base prefers the generic answer (summed reward margin < 0)
+    base_margin_below_zero: bool = True  # the base prefers the generic answer (summed and per-token margin < 0)
     style_above_base: bool = True  # SFT's and DPO's style scores > the base's
     dpo_max_style_drop: float | None = Field(0.05, ge=0)  # DPO style score >= SFT's - this; null = off
     mention_at_least_base: bool = True  # SFT and DPO mention the question's subject at least as often as base

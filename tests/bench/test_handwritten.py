@@ -23,7 +23,7 @@ def test_pairs_share_no_long_ngram_with_the_grammar_or_the_base_corpus():
     rows = read_jsonl(handwritten.PAIRS)
     assert len(rows) >= 30 and len({r["question"] for r in rows}) == len(rows)
     corpus = offline.corpus_texts(offline.base_corpus(params.base.corpus_size, params.base.seed, params.heldout,
-                                                      offline.builtin_persona()))
+                                                      offline.builtin_persona(), params.base.documents))
     sft, dpo, _ = generate_offline(params.generate, params.heldout)
     training = corpus + [m["content"] for r in sft for m in r["messages"][1:]]
     training += [t for r in dpo for t in (r["prompt"][-1]["content"], r["chosen"], r["rejected"])]

@@ -239,6 +239,12 @@ def test_check_gates():
     assert all(g.passed for g in ev.check_gates(m, cfg))
     m["base"]["reward_margin"] = 0.001  # the base must prefer the generic answer
     assert {g.name for g in ev.check_gates(m, cfg) if not g.passed} == {"base_margin_below_zero"}
+    m["base"].update(reward_margin=-0.7, reward_margin_per_token=0.005)  # per token too
+    assert {g.name for g in ev.check_gates(m, cfg) if not g.passed} == {"base_margin_below_zero"}
+    for name in ev.MODELS:  # a pass at 0 everywhere says that it checked nothing
+        m[name]["subject_mention_share"] = 0.0
+    detail = {g.name: g.detail for g in ev.check_gates(m, cfg)}["mention_at_least_base"]
+    assert "checks nothing" in detail
     strict = cfg.model_copy(update={"dpo_max_ppl_ratio": 1.1, "min_dpo_accuracy": 0.8})
     res = {g.name: g.passed for g in ev.check_gates(m, strict)}
     assert res["dpo_max_ppl_ratio"] is False and res["min_dpo_accuracy"] is False
