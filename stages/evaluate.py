@@ -49,6 +49,7 @@ from stages.common.config import EvaluateConfig, GatesConfig, Params, load_param
 from stages.common.io import InputError, iter_jsonl, require, run_main, write_json
 from stages.common.logprobs import LogprobResult, Perplexity, pair_logprobs, perplexity
 from stages.common.persona import persona_card
+from stages.common.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -613,9 +614,8 @@ def render_table(report: EvalReport) -> str:
         out += [f"## {SPLIT_TITLES.get(name, name)}", "",
                 f"{i['pairs']} pairs, {i['sft_examples']} SFT conversations, {i['prompts']} generated answers "
                 f"per model ({i['with_subject']} with a known subject).", "",
-                "| model | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for model, m in metrics.items():
-            out.append(f"| {model} | " + " | ".join(f"{m[k]:.4f}" if k in m else "" for k, _ in cols) + " |")
+                markdown_table([{"model": model, **{title: m.get(k) for k, title in cols}}
+                                for model, m in metrics.items()])]
         if "style_of_chosen" in i:
             out += ["", f"Style score of the split's own answers: chosen {i['style_of_chosen']:.4f}, rejected "
                         f"{i['style_of_rejected']:.4f}."]
@@ -643,8 +643,9 @@ def render_table(report: EvalReport) -> str:
         out.append(f"Judge cost: {c['model']}, {c['requests']} requests ({c['cache_hits']} from cache), "
                    f"${c['cost_usd']:.4f}.")
     if report.gates:
-        out += ["", f"Gates, on `{i['gates_split']}`:", "", "| gate | result | detail |", "|---|---|---|"]
-        out += [f"| {g.name} | {'pass' if g.passed else 'FAIL'} | {g.detail} |" for g in report.gates]
+        out += ["", f"Gates, on `{i['gates_split']}`:", "",
+                markdown_table([{"gate": g.name, "result": "pass" if g.passed else "FAIL", "detail": g.detail}
+                                for g in report.gates])]
     return "\n".join(out) + "\n"
 
 

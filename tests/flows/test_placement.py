@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -314,7 +315,7 @@ def test_the_single_machine_deployment_runs_every_stage(cluster: Cluster, single
     assert single["run"].state.is_completed(), (single["run"].state, cluster.log("tuneforge"))
     assert {n: t.state.name for n, t in single["tasks"].items()} == dict.fromkeys(stages, "Completed")
     assert {"dvc-stages", "eval-table", "validation-summary", "generation-cost"} <= set(single["artifacts"])
-    assert "| dpo |" in single["artifacts"]["eval-table"]
+    assert re.search(r"^\| dpo +\|", single["artifacts"]["eval-table"], re.M)
     rows = json.loads(single["artifacts"]["dvc-stages"])
     assert {r["stage"]: r["outcome"] for r in rows} == dict.fromkeys(stages, "ran")
     assert single["deployment"].global_concurrency_limit.limit == 1
@@ -426,7 +427,7 @@ def test_the_dashboard_shows_where_each_stage_ran(cluster: Cluster, placed) -> N
         s: (f"ran on pool {p}", p, f"{p}-worker") if p else (here[s][1], None, None) for s, p in pools.items()}
     remote_ids = {str(r.id) for runs in run_["remote"].values() for r in runs}
     assert {r["flow_run"].rsplit("/", 1)[-1] for r in rows.values() if r["pool"]} == remote_ids
-    assert "| dpo |" in run_["artifacts"]["eval-table"]
+    assert re.search(r"^\| dpo +\|", run_["artifacts"]["eval-table"], re.M)
     sft_log = run_["logs"]["sft"]  # the worker's own output, carried into the coordinator's task log
     assert "[gpu/gpu-worker]" in sft_log and "Running stage 'sft'" in sft_log and "sft done" in sft_log
     coordinator_run_id = run_["state"].state_details.flow_run_id
