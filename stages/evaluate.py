@@ -152,12 +152,12 @@ def run_model(model: Any, tokenizer: Any, pairs: Sequence[Pair], sft_rows: Seque
     bs = cfg.batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chosen, rejected = pair_logprobs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                                     [p.rejected for p in pairs], batch_size=bs)
+                                     [p.rejected for p in pairs], batch_size=bs, tokens_per_batch=cfg.tokens_per_batch)
     return ModelRun(
         chosen=chosen,
         rejected=rejected,
         ppl=perplexity(model, [(r.input_ids, r.assistant_masks) for r in sft_rows], batch_size=bs,
-                       pad_token_id=pad),
+                       pad_token_id=pad, tokens_per_batch=cfg.tokens_per_batch),
         generations=generate(model, tokenizer, prompts, cfg) if prompts else [],
     )
 

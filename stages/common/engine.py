@@ -67,35 +67,97 @@ def inference_dtype() -> torch.dtype:
     return torch.float32
 
 
-class TorchLogProb:
+def _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
+    """TRL's per-token LM-head outputs for a block of positions, from their full-vocabulary logits in fp32."""
+    z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    log_z = torch.logsumexp(z, dim=-1)
+    log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    entropy = log_sum_sq = mean_logits = is_top1 = None
+    if "entropy" in outputs:
+        entropy = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
+    with torch.no_grad():
+        if "log_sum_sq_probs" in outputs:
+            log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
+        if "mean_logits" in outputs:
+            mean_logits = z.mean(-1)
+        if "is_top1" in outputs:
+            is_top1 = z.argmax(-1) == targets
+    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+
+class TorchLogProb(torch.autograd.Function):
     """Plain-torch stand-in for TRL's Triton `ChunkedLogProbFunction` (same arguments and outputs).
 
     TRL 1.15's trainers always route the LM head through that Triton kernel when Triton imports, and
     unsloth installs Triton even on CPU-only machines, where the kernel has no driver and fails.
-    On CPU this computes the same per-token outputs with full logits and autograd.
+    Like the kernel, this never holds full-vocabulary logits for more than one chunk of positions
+    (`memory.logit_chunk_tokens`): the forward computes each chunk's outputs and keeps only the inputs, the
+    backward recomputes each chunk under the forward's autocast state and takes its gradient, so SFT, DPO and
+    TRL's reference precompute keep TRL's memory shape on CPU. Per position the numbers are those of one
+    fp32 log-softmax over the whole vocabulary.
     """
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
-              outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
-        z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-        z = z * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        z = z / temperature
-        log_z = torch.logsumexp(z, dim=-1)
-        log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-        entropy = log_sum_sq = mean_logits = is_top1 = None
-        if "entropy" in outputs:
-            entropy = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
-        with torch.no_grad():
-            if "log_sum_sq_probs" in outputs:
-                log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
-            if "mean_logits" in outputs:
-                mean_logits = z.mean(-1)
-            if "is_top1" in outputs:
-                is_top1 = z.argmax(-1) == targets
-        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
+                outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        from stages.common.memory import logit_chunk_tokens
+
+        ctx.set_materialize_grads(False)
+        rows = logit_chunk_tokens(weight.shape[0])
+        parts = [_head_outputs(hidden[s : s + rows], weight, bias, targets[s : s + rows], temperature, softcap,
+                               logit_scale, outputs) for s in range(0, hidden.shape[0], rows)]
+        if not parts:  # a micro-batch without a scored token
+            parts = [_head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs)]
+        result = tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        device = hidden.device.type
+        ctx.args = (temperature, softcap, logit_scale, outputs, rows)
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.mark_non_differentiable(*(x for x in result[2:] if x is not None))
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, *_):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        temperature, softcap, logit_scale, outputs, rows = ctx.args
+        needs = ctx.needs_input_grad[:3]
+        grads: list[Any] = [torch.empty_like(hidden) if needs[0] else None,
+                            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+                            torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None]
+        if any(needs) and (grad_log_probs is not None or grad_entropy is not None):
+            device, enabled, dtype = ctx.autocast
+            w = weight.detach().requires_grad_(needs[1])
+            b = None if bias is None else bias.detach().requires_grad_(needs[2])
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                for s in range(0, hidden.shape[0], rows):
+                    h = hidden[s : s + rows].detach().requires_grad_(needs[0])
+                    log_probs, entropy, *_ = _head_outputs(h, w, b, targets[s : s + rows], temperature, softcap,
+                                                           logit_scale, outputs)
+                    total = log_probs.new_zeros(())
+                    if grad_log_probs is not None:
+                        total = total + (grad_log_probs[s : s + rows].float() * log_probs).sum()
+                    if grad_entropy is not None and entropy is not None:
+                        total = total + (grad_entropy[s : s + rows].float() * entropy).sum()
+                    inputs = [t for t, need in zip((h, w, b), needs, strict=True) if need and t is not None]
+                    got = iter(torch.autograd.grad(total, inputs, allow_unused=True))
+                    for k, (t, need) in enumerate(zip((h, w, b), needs, strict=True)):
+                        if not need or t is None:
+                            continue
+                        g = next(got)
+                        if g is None:
+                            continue
+                        if k == 0:
+                            grads[0][s : s + rows] = g
+                        else:
+                            grads[k] += g.float()
+        if grads[0] is not None and (grad_log_probs is None and grad_entropy is None):
+            grads[0].zero_()
+        return (grads[0], None if grads[1] is None else grads[1].to(weight.dtype),
+                None if grads[2] is None else grads[2].to(bias.dtype), None, None, None, None, None, None)
 
 
 def use_torch_logprob_without_cuda() -> None:
@@ -122,6 +184,22 @@ class TrainSpec:
     partial: PartialConfig
     max_seq_length: int
     seed: int
+    gradient_checkpointing: bool = True  # TRL's default; the engine sets it up its own way (unsloth's, or PEFT's)
+    attn_implementation: str = "auto"  # model.attn_implementation; auto = transformers' choice (sdpa)
+
+
+def four_bit_config(quantization: QuantizationConfig):
+    """The NF4 config every 4-bit load uses (SFT on both engines, merge's qlora gap, reference and dpo)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=quantization.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype))
+
+
+def attention_kwargs(attn_implementation: str) -> dict[str, str]:
+    """`attn_implementation` for from_pretrained: nothing for auto (transformers picks sdpa where it can)."""
+    return {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
 
 
 def freeze_all_but_last_blocks(model: Any, last_n_blocks: int) -> list[str]:
@@ -155,13 +233,20 @@ def _peft_config(lora: LoraConfig):
 def _load_unsloth(spec: TrainSpec):
     from unsloth import FastLanguageModel
 
+    qlora = spec.method == "qlora"
+    kwargs: dict[str, Any] = {}
+    if qlora:  # the 4-bit model merge's qlora gap rebuilds: sft.quantization, not unsloth's own defaults
+        kwargs = {"quantization_config": four_bit_config(spec.quantization),
+                  "dtype": torch_dtype(spec.quantization.compute_dtype)}
     model, _ = FastLanguageModel.from_pretrained(
         model_name=spec.model,
         max_seq_length=spec.max_seq_length,
-        dtype=None,
-        load_in_4bit=spec.method == "qlora",
+        load_in_4bit=qlora,
         full_finetuning=spec.method in ("full", "partial"),
+        use_gradient_checkpointing="unsloth" if spec.gradient_checkpointing else False,
+        use_exact_model_name=True,  # never swap in a pre-quantised repo with other quantisation settings
         random_state=spec.seed,
+        **{"dtype": None, **kwargs},
     )
     if spec.method in ("lora", "qlora"):
         model = FastLanguageModel.get_peft_model(
@@ -171,7 +256,7 @@ def _load_unsloth(spec: TrainSpec):
             lora_dropout=spec.lora.dropout,
             bias=spec.lora.bias,
             target_modules=list(spec.lora.target_modules),
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing="unsloth" if spec.gradient_checkpointing else False,
             random_state=spec.seed,
         )
     return model
@@ -179,24 +264,25 @@ def _load_unsloth(spec: TrainSpec):
 
 def _load_transformers(spec: TrainSpec):
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = attention_kwargs(spec.attn_implementation)
+    dtype: Any = torch.float32 if device() == "cpu" else "auto"
     if spec.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=spec.quantization.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(spec.quantization.compute_dtype),
-        )
+        kwargs["quantization_config"] = four_bit_config(spec.quantization)
+        dtype = torch_dtype(spec.quantization.compute_dtype)  # what is not quantised computes in it
         # each process of a multi-GPU launch keeps its 4-bit weights on its own GPU
         kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device() == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32 if device() == "cpu" else "auto",
-                                                 **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, **kwargs)
     if spec.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.method in ("lora", "qlora"):
         model = get_peft_model(model, _peft_config(spec.lora))
+        if spec.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
 
 

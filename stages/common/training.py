@@ -75,6 +75,15 @@ def precision(trainer: dict[str, Any]) -> dict[str, bool]:
     return {k: trainer[k] for k in ("bf16", "fp16") if k in trainer}
 
 
+def trl_args(trainer: dict[str, Any], section: str, gradient_checkpointing: bool) -> dict[str, Any]:
+    """The trainer section for TRL's config with the stage's precision rule and `<section>.gradient_checkpointing`
+    (the engine sets checkpointing up when it loads the model, so TRL must agree with it)."""
+    if "gradient_checkpointing" in trainer:
+        raise InputError(f"params.yaml: {section}.trainer.gradient_checkpointing: set {section}.gradient_checkpointing "
+                         "instead (the engine prepares the model for it)")
+    return {**trainer, **precision(trainer), "gradient_checkpointing": gradient_checkpointing}
+
+
 def mixed_precision(trainer: dict[str, Any]) -> str:
     flags = precision(trainer)
     fp16 = flags.get("fp16", False)

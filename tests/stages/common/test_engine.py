@@ -84,3 +84,60 @@ def test_both_engines_train_and_write_adapters_plain_peft_loads(tiny, tmp_path, 
     assert json.loads((ws / "models/sft/tuneforge.json").read_text())["engine"] == engine
     loaded = json.loads(run_python(LOAD_ADAPTER, ws).strip().splitlines()[-1])
     assert loaded["finite"] and loaded["lora_tensors"] > 0
+
+
+def _full_logits_logprob(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
+    """What TorchLogProb computed before it was chunked: full logits for every position, plain autograd."""
+    from stages.common.engine import _head_outputs
+
+    return _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs)
+
+
+@pytest.mark.parametrize("softcap,scale,temperature", [(None, 1.0, 1.0), (30.0, 0.5, 0.7)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_logprob_is_chunked_and_equals_full_logits(monkeypatch, softcap, scale, temperature, autocast):
+    """TRL's LM-head kernel stand-in: the same outputs and gradients as one full-vocabulary autograd pass, with
+    logits for at most one chunk of positions (chunks of 3 of 10 positions here)."""
+    from stages.common import memory
+    from stages.common.engine import TorchLogProb
+
+    vocab, hidden_size, n = 50, 8, 10
+    monkeypatch.setattr(memory, "LOGIT_CHUNK_BYTES", memory.LOGIT_COPIES * 4 * vocab * 3)
+    assert memory.logit_chunk_tokens(vocab) == 3
+    torch.manual_seed(0)
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    bias = torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return real_linear(x, *args, **kwargs)
+
+    results = {}
+    for name, fn in (("chunked", lambda *a: TorchLogProb.apply(*a[:5], 32768, *a[5:])),
+                     ("full", _full_logits_logprob)):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+            seen.clear()
+            out = fn(hidden, weight, bias, targets, temperature, softcap, scale, outputs)
+            monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+            rows = list(seen)
+        (out[0].sum() * 0.3 + out[1].sum() * 0.7).backward()
+        results[name] = ([o.detach().clone() for o in out], [t.grad.clone() for t in (hidden, weight, bias)], rows)
+    (c_out, c_grad, c_rows), (f_out, f_grad, _) = results["chunked"], results["full"]
+    assert max(c_rows) == 3 and sum(c_rows) == n  # never more than one chunk of positions at full vocabulary
+    for a, b in zip(c_out, f_out, strict=True):
+        assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert torch.allclose(c_grad[0], f_grad[0], atol=1e-5, rtol=0)  # hidden: row by row, the same products
+    for a, b in zip(c_grad[1:], f_grad[1:], strict=True):
+        # head weight / bias: summed over positions, one fp32 sum of per-chunk products (as TRL's kernel does)
+        # instead of one product; under bf16 autocast each chunk's product is rounded to bf16 first
+        tol = 1e-5 if not autocast else 2**-7 * float(b.abs().max())
+        assert torch.allclose(a, b, atol=tol, rtol=0)
+    assert c_grad[0].abs().sum() > 0 and c_grad[1].abs().sum() > 0
