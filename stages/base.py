@@ -12,11 +12,12 @@ from there by the training stages.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -28,13 +29,13 @@ from transformers import (
 )
 
 from stages.common import offline
+from stages.common.base_ref import BASE_REF, hub_snapshot, resolve_base
 from stages.common.config import BaseConfig, ModelConfig, load_params
 from stages.common.io import InputError, run_main, write_json
 from stages.common.templates import LLAMA3, ChatTemplate
 
 log = logging.getLogger(__name__)
 
-BASE_REF = "base_ref.json"
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>", "<|pad|>"]
 
@@ -59,6 +60,66 @@ def build_tokenizer(texts: list[str], vocab_size: int, template: ChatTemplate) -
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = template.jinja
+    return fast
+
+
+# Llama 3.1's 256 special tokens, in its order (ids vocab_size - 256 ...; 128000-128255 in Llama-3.1-8B)
+LLAMA31_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 248)),
+]
+# Llama 3's pre-tokenizer split (tiktoken's cl100k-style pattern), before the byte-level mapping
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama31_chat_template() -> str:
+    """Llama 3.1's own chat template (system header with the knowledge / today dates, tool calls), as TRL ships it
+    to recognise the model (trl/chat_templates/llama3_1.jinja)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja").read_text()
+
+
+def build_llama31_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer with Llama-3.1-8B's shape: `vocab_size` ids (128,256 for the real one), the last 256 of them Llama
+    3.1's special tokens in its order, Llama 3's pre-tokenizer, BOS added by the tokenizer itself, Llama 3.1's chat
+    template, EOS <|eot_id|> and pad <|finetune_right_pad_id|> (as unsloth's Instruct tokenizer).
+
+    The byte-level BPE is trained on `texts` for as many merges as they support; the ids between the last trained
+    token and the special tokens are reserved entries no merge produces (Llama 3 pads its 128,000 BPE tokens with
+    reserved special tokens the same way), so the embedding and LM head have the real model's rows."""
+    n_bpe = vocab_size - len(LLAMA31_SPECIAL_TOKENS)
+    if n_bpe < 512:
+        raise InputError(f"params.yaml: base.vocab_size={vocab_size} leaves no room for a byte-level BPE beside "
+                         f"Llama 3.1's {len(LLAMA31_SPECIAL_TOKENS)} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_bpe, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    trained = len(vocab)
+    for i in range(trained, n_bpe):  # reserved: in the vocabulary, never produced by a merge
+        vocab[f"<|reserved_bpe_{i - trained}|>"] = i
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA31_SPECIAL_TOKENS])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    assert bos == n_bpe and tok.get_vocab_size() == vocab_size, (bos, tok.get_vocab_size())
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>", clean_up_tokenization_spaces=True)
+    fast.chat_template = llama31_chat_template()
+    log.info("llama-3.1 tokenizer: %d trained BPE tokens, %d reserved, %d special (vocab %d)", trained,
+             n_bpe - trained, len(LLAMA31_SPECIAL_TOKENS), vocab_size)
     return fast
 
 
@@ -113,25 +174,26 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     template = LLAMA3
     if not model_cfg.is_tiny:
+        ref = resolve_base(model_cfg)
+        source = ref["base"] if "sha256" in ref else str(hub_snapshot(ref["base"], ref["commit"], weights=False))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_cfg.base)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise InputError(
-                f"params.yaml: model.base={model_cfg.base!r} cannot be loaded (not a local folder, and not in "
-                f"the Hugging Face cache while offline?): {err}"
-            ) from None
+            raise InputError(f"params.yaml: model.base={model_cfg.base!r}: no tokenizer in {source}: {err}") from None
         tokenizer.save_pretrained(output)  # its template, if any, is kept; `format` applies model.chat_template
-        write_json(output / BASE_REF, {"base": model_cfg.base})
-        return {"base": model_cfg.base}
+        write_json(output / BASE_REF, ref)
+        return {k: v for k, v in ref.items() if k != "files"}
 
     torch.manual_seed(cfg.seed)
     conversations = offline.generic_corpus(cfg.corpus_size, seed=cfg.seed)
     # Like a real base, it has read analytical prose (plain documents, outside any chat turn) but
     # answers as a generic assistant: fine-tuning then shifts style, not vocabulary.
     documents = offline.persona_text_sample(cfg.corpus_size // 3, seed=cfg.seed)
-    tokenizer = build_tokenizer(
-        [m["content"] for conv in conversations for m in conv] + documents, cfg.vocab_size, template
-    )
+    texts = [m["content"] for conv in conversations for m in conv] + documents
+    if cfg.tokenizer == "llama-3.1":
+        tokenizer = build_llama31_tokenizer(texts, cfg.vocab_size)
+    else:
+        tokenizer = build_tokenizer(texts, cfg.vocab_size, template)
     tokenizer.model_max_length = model_cfg.max_seq_length
     texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in conversations]
     texts += [tokenizer.bos_token + doc + tokenizer.eos_token for doc in documents]

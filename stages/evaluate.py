@@ -35,6 +35,7 @@ import torch
 from stages.common.config import EvaluateConfig, GatesConfig, Params, load_params
 from stages.common.io import InputError, iter_jsonl, require, run_main, write_json
 from stages.common.logprobs import LogprobResult, Perplexity, pair_logprobs, perplexity
+from stages.common.memory import rows_within
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvaluateCo
     model.eval()
     answers = []
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    for start in range(0, len(encoded), cfg.batch_size):
-        chunk = encoded[start : start + cfg.batch_size]
+    start = 0
+    while start < len(encoded):  # at most batch_size prompts, and tokens_per_batch tokens with the new ones
+        width = max(map(len, encoded[start : start + cfg.batch_size])) + cfg.max_new_tokens
+        chunk = encoded[start : start + rows_within(cfg.tokens_per_batch, width, cfg.batch_size)]
+        start += len(chunk)
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         attn = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)

@@ -31,7 +31,9 @@ import torch
 from stages.common.config import MergeConfig, PathsConfig, QuantizationConfig, load_params
 from stages.common.engine import (
     base_model_id,
+    compute_dtype,
     device,
+    four_bit_config,
     inference_dtype,
     load_causal_lm,
     load_tokenizer,
@@ -231,14 +233,6 @@ def save(model: Any, tokenizer: Any, out: Path, base: Path, method: str) -> None
     write_meta(out, stage="merge", base=str(base), method=method)
 
 
-def _four_bit_config(quantization: QuantizationConfig):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=quantization.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype))
-
-
 def qlora_gap(base_id: str, adapter: Path, data: list[Batch], merged: HeldOut,
               quantization: QuantizationConfig) -> dict[str, float]:
     """What the QLoRA merge costs: the adapter on the NF4 base SFT trained on (its quantization params) vs the
@@ -246,8 +240,8 @@ def qlora_gap(base_id: str, adapter: Path, data: list[Batch], merged: HeldOut,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base4 = AutoModelForCausalLM.from_pretrained(base_id, quantization_config=_four_bit_config(quantization),
-                                                 dtype=torch_dtype(quantization.compute_dtype),
+    base4 = AutoModelForCausalLM.from_pretrained(base_id, quantization_config=four_bit_config(quantization),
+                                                 dtype=compute_dtype(quantization),
                                                  device_map={"": device()})
     model4 = PeftModel.from_pretrained(base4, str(adapter))
     gap = held_out(model4, data, reference=merged.stored, kl_of_model=True)

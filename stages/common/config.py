@@ -53,6 +53,9 @@ class ModelConfig(Strict):
 
 class BaseConfig(Strict):
     vocab_size: int = Field(1024, ge=300)
+    # trained: byte-level BPE with tuneforge's Llama-3-style template; llama-3.1: Llama-3.1-8B's tokenizer shape
+    # (256 special tokens at the top ids, its chat template, BOS added by the tokenizer) padded to vocab_size
+    tokenizer: Literal["trained", "llama-3.1"] = "trained"
     hidden_size: int = Field(128, gt=0)
     intermediate_size: int = Field(352, gt=0)
     num_layers: int = Field(4, gt=0)
@@ -172,7 +175,8 @@ class LoraConfig(Strict):
 
 class QuantizationConfig(Strict):
     double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto = bfloat16 (float16 without bf16 support) on CUDA, float32 on CPU
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
 
 
 class PartialConfig(Strict):

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from stages.common.base_ref import BASE_REF, base_model_id  # noqa: F401  (re-exported for the stages)
 from stages.common.config import Engine, LoraConfig, Method, PartialConfig, QuantizationConfig
 from stages.common.io import InputError, require, write_json
 
 log = logging.getLogger(__name__)
 
-BASE_REF = "base_ref.json"  # written by the `base` stage for a real (hub / local) base model
 META = "tuneforge.json"  # written beside every trained artifact: what it was trained from and how
 
 
@@ -38,15 +38,6 @@ def resolve_engine(engine: Engine) -> str:
     return "unsloth" if importlib.util.find_spec("unsloth") else "transformers"
 
 
-def base_model_id(base_dir: Path | str) -> str:
-    """The weights behind models/base: the folder itself (tiny) or the model named in base_ref.json."""
-    base_dir = require(base_dir, "base model")
-    ref = Path(base_dir) / BASE_REF
-    if ref.exists():
-        return json.loads(ref.read_text())["base"]
-    return str(base_dir)
-
-
 def load_tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
@@ -60,6 +51,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def compute_dtype(quantization: QuantizationConfig) -> torch.dtype:
+    """sft.quantization.compute_dtype resolved: what a 4-bit model computes (and keeps unquantised weights) in."""
+    if quantization.compute_dtype == "auto":
+        return inference_dtype()
+    return torch_dtype(quantization.compute_dtype)
+
+
 def inference_dtype() -> torch.dtype:
     """16-bit where a GPU makes it pay; full precision on CPU (no speed gain there, and exact checks)."""
     if torch.cuda.is_available():
@@ -67,25 +65,48 @@ def inference_dtype() -> torch.dtype:
     return torch.float32
 
 
+def _logits(hidden, weight, bias, temperature, softcap, logit_scale):
+    """One chunk's transformed logits in fp32 (the projection under the caller's autocast, as TRL's kernel runs its
+    tiles in the compute dtype), and tanh of the softcap for the backward. No copy for a scale or temperature of 1."""
+    z = torch.nn.functional.linear(hidden, weight, bias).float()
+    return _transform(z, temperature, softcap, logit_scale)
+
+
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
+def _transform(z, temperature, softcap, logit_scale):
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(z.div_(softcap))
+        z = tanh * softcap
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z, tanh
+
+
 def _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
     """TRL's per-token LM-head outputs for a block of positions, from their full-vocabulary logits in fp32."""
-    z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    z, _ = _logits(hidden, weight, bias, temperature, softcap, logit_scale)
+    return _outputs_from_logits(z, targets, outputs)
+
+
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
+def _outputs_from_logits(z, targets, outputs):
+    """Everything after the projection in fp32, whatever the caller's autocast (vecdot would otherwise run in bf16)."""
     log_z = torch.logsumexp(z, dim=-1)
     log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
     entropy = log_sum_sq = mean_logits = is_top1 = None
     if "entropy" in outputs:
-        entropy = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
-    with torch.no_grad():
-        if "log_sum_sq_probs" in outputs:
-            log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
-        if "mean_logits" in outputs:
-            mean_logits = z.mean(-1)
-        if "is_top1" in outputs:
-            is_top1 = z.argmax(-1) == targets
+        entropy = log_z - torch.linalg.vecdot(torch.softmax(z, dim=-1), z)
+    if "log_sum_sq_probs" in outputs:
+        log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
+    if "mean_logits" in outputs:
+        mean_logits = z.mean(-1)
+    if "is_top1" in outputs:
+        is_top1 = z.argmax(-1) == targets
     return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
 
@@ -95,10 +116,10 @@ class TorchLogProb(torch.autograd.Function):
     TRL 1.15's trainers always route the LM head through that Triton kernel when Triton imports, and
     unsloth installs Triton even on CPU-only machines, where the kernel has no driver and fails.
     Like the kernel, this never holds full-vocabulary logits for more than one chunk of positions
-    (`memory.logit_chunk_tokens`): the forward computes each chunk's outputs and keeps only the inputs, the
-    backward recomputes each chunk under the forward's autocast state and takes its gradient, so SFT, DPO and
-    TRL's reference precompute keep TRL's memory shape on CPU. Per position the numbers are those of one
-    fp32 log-softmax over the whole vocabulary.
+    (`memory.logit_chunk_tokens`), and like it the backward recomputes each chunk and turns it into the logits'
+    gradient in place (d log p_t / dz = onehot_t - p, d entropy / dz = -p (log p + H)), accumulating the
+    projection's gradients in fp32: SFT, DPO and TRL's reference precompute keep TRL's memory shape on CPU.
+    Per position the numbers are those of one fp32 log-softmax over the whole vocabulary (tests).
     """
 
     @staticmethod
@@ -108,56 +129,64 @@ class TorchLogProb(torch.autograd.Function):
 
         ctx.set_materialize_grads(False)
         rows = logit_chunk_tokens(weight.shape[0])
-        parts = [_head_outputs(hidden[s : s + rows], weight, bias, targets[s : s + rows], temperature, softcap,
-                               logit_scale, outputs) for s in range(0, hidden.shape[0], rows)]
+        h, w, b = hidden.float(), weight.float(), None if bias is None else bias.float()  # weight cast once
+        parts = [_head_outputs(h[s : s + rows], w, b, targets[s : s + rows], temperature, softcap, logit_scale,
+                               outputs) for s in range(0, hidden.shape[0], rows)]
         if not parts:  # a micro-batch without a scored token
-            parts = [_head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs)]
+            parts = [_head_outputs(h, w, b, targets, temperature, softcap, logit_scale, outputs)]
         result = tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, result[1] if result[1] is not None else result[0])
         device = hidden.device.type
-        ctx.args = (temperature, softcap, logit_scale, outputs, rows)
+        ctx.args = (temperature, softcap, logit_scale, rows, result[1] is not None)
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.mark_non_differentiable(*(x for x in result[2:] if x is not None))
         return result
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        temperature, softcap, logit_scale, outputs, rows = ctx.args
+        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        temperature, softcap, logit_scale, rows, has_entropy = ctx.args
         needs = ctx.needs_input_grad[:3]
-        grads: list[Any] = [torch.empty_like(hidden) if needs[0] else None,
-                            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
-                            torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None]
-        if any(needs) and (grad_log_probs is not None or grad_entropy is not None):
+        if not has_entropy:
+            grad_entropy = None
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] and bias is not None \
+            else None
+        if grad_log_probs is not None or grad_entropy is not None:
             device, enabled, dtype = ctx.autocast
-            w = weight.detach().requires_grad_(needs[1])
-            b = None if bias is None else bias.detach().requires_grad_(needs[2])
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            h_all, w, b = hidden.float(), weight.float(), None if bias is None else bias.float()
+            with torch.no_grad():
                 for s in range(0, hidden.shape[0], rows):
-                    h = hidden[s : s + rows].detach().requires_grad_(needs[0])
-                    log_probs, entropy, *_ = _head_outputs(h, w, b, targets[s : s + rows], temperature, softcap,
-                                                           logit_scale, outputs)
-                    total = log_probs.new_zeros(())
-                    if grad_log_probs is not None:
-                        total = total + (grad_log_probs[s : s + rows].float() * log_probs).sum()
-                    if grad_entropy is not None and entropy is not None:
-                        total = total + (grad_entropy[s : s + rows].float() * entropy).sum()
-                    inputs = [t for t, need in zip((h, w, b), needs, strict=True) if need and t is not None]
-                    got = iter(torch.autograd.grad(total, inputs, allow_unused=True))
-                    for k, (t, need) in enumerate(zip((h, w, b), needs, strict=True)):
-                        if not need or t is None:
-                            continue
-                        g = next(got)
-                        if g is None:
-                            continue
-                        if k == 0:
-                            grads[0][s : s + rows] = g
-                        else:
-                            grads[k] += g.float()
-        if grads[0] is not None and (grad_log_probs is None and grad_entropy is None):
-            grads[0].zero_()
-        return (grads[0], None if grads[1] is None else grads[1].to(weight.dtype),
-                None if grads[2] is None else grads[2].to(bias.dtype), None, None, None, None, None, None)
+                    h = h_all[s : s + rows]
+                    with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's logits, recomputed
+                        z, tanh = _logits(h, w, b, temperature, softcap, logit_scale)
+                    log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z becomes log p, in place
+                    p = log_p.exp()
+                    if grad_entropy is not None:  # -g_H p (log p + H), in log p's buffer
+                        grad = log_p.add_(entropy[s : s + rows, None]).mul_(p).mul_(-grad_entropy[s : s + rows,
+                                                                                                None].float())
+                    else:
+                        grad = torch.zeros_like(p)
+                    if grad_log_probs is not None:  # g (onehot - p)
+                        g = grad_log_probs[s : s + rows, None].float()
+                        grad.sub_(p.mul_(g))
+                        grad.scatter_add_(-1, targets[s : s + rows, None], g)
+                    del p, log_p
+                    if temperature != 1.0:
+                        grad.div_(temperature)
+                    if tanh is not None:
+                        grad.mul_(1 - tanh.square_())
+                    if logit_scale != 1.0:
+                        grad.mul_(logit_scale)
+                    if grad_h is not None:  # the projection's gradients in fp32, as TRL's kernel accumulates them
+                        grad_h[s : s + rows] = grad @ w
+                    if grad_w is not None:
+                        grad_w.addmm_(grad.t(), h)
+                    if grad_b is not None:
+                        grad_b += grad.sum(0)
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def use_torch_logprob_without_cuda() -> None:
@@ -194,7 +223,7 @@ def four_bit_config(quantization: QuantizationConfig):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=quantization.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype))
+                              bnb_4bit_compute_dtype=compute_dtype(quantization))
 
 
 def attention_kwargs(attn_implementation: str) -> dict[str, str]:
@@ -237,7 +266,7 @@ def _load_unsloth(spec: TrainSpec):
     kwargs: dict[str, Any] = {}
     if qlora:  # the 4-bit model merge's qlora gap rebuilds: sft.quantization, not unsloth's own defaults
         kwargs = {"quantization_config": four_bit_config(spec.quantization),
-                  "dtype": torch_dtype(spec.quantization.compute_dtype)}
+                  "dtype": compute_dtype(spec.quantization)}
     model, _ = FastLanguageModel.from_pretrained(
         model_name=spec.model,
         max_seq_length=spec.max_seq_length,
@@ -270,7 +299,7 @@ def _load_transformers(spec: TrainSpec):
     dtype: Any = torch.float32 if device() == "cpu" else "auto"
     if spec.method == "qlora":
         kwargs["quantization_config"] = four_bit_config(spec.quantization)
-        dtype = torch_dtype(spec.quantization.compute_dtype)  # what is not quantised computes in it
+        dtype = compute_dtype(spec.quantization)  # what is not quantised computes in it
         # each process of a multi-GPU launch keeps its 4-bit weights on its own GPU
         kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device() == "cuda" else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, **kwargs)
