@@ -93,7 +93,7 @@ def long_conversations(n_sft: int, n_dpo: int, words: int, seed: int) -> tuple[l
 
 
 def prepare(workspace: Path, overrides: dict[str, Any] | None = None, long_rows: tuple[int, int] = (8, 8),
-            words: int = 1000) -> dict[str, Any]:
+            words: int = 1000, preset: Path = PRESET) -> dict[str, Any]:
     """params.yaml (repo + preset + long user files + overrides) and data/user/ in `workspace`."""
     workspace.mkdir(parents=True, exist_ok=True)
     sft, dpo = long_conversations(*long_rows, words=words, seed=7)
@@ -101,7 +101,7 @@ def prepare(workspace: Path, overrides: dict[str, Any] | None = None, long_rows:
     user.mkdir(parents=True, exist_ok=True)
     for name, rows in (("long_sft.jsonl", sft), ("long_dpo.jsonl", dpo)):
         (user / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(PRESET.read_text()))
+    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(preset.read_text()))
     params = deep_merge(params, {"data": {"sources": [
         {"path": "data/user/long_sft.jsonl", "kind": "sft", "format": "openai"},
         {"path": "data/user/long_dpo.jsonl", "kind": "dpo", "format": "preference"}]}})
@@ -134,16 +134,33 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.open() if line.strip()]
 
 
-def predictions(workspace: Path, params: dict[str, Any], runtime: float) -> dict[str, memory.Prediction]:
-    """The memory model's peak for every model stage of this workspace, from its model shape, params and data."""
+def workspace_shape(workspace: Path, params: dict[str, Any]) -> memory.ModelShape:
+    """The shape of the base model the workspace trains (the tiny one built by `base`, or the hub / local base)."""
+    from stages.common.base_ref import base_model_id
+    from stages.common.config import parse_params
+
+    cwd = Path.cwd()
+    os.chdir(workspace)  # base_ref.json may name the base relative to the workspace
+    try:
+        weights = Path(base_model_id(parse_params(params).paths.base)).resolve()
+    finally:
+        os.chdir(cwd)
+    return memory.ModelShape.from_config(json.loads((weights / "config.json").read_text()))
+
+
+def predictions(workspace: Path, params: dict[str, Any], runtime: float, device: str = "cpu") -> dict[str, memory.Prediction]:
+    """The memory model's peak for every model stage of this workspace, from its model shape, params and data
+    (on CUDA: device memory, 16-bit compute, without the host-side runtime)."""
     from transformers import AutoTokenizer
 
     from stages.common.config import parse_params
+    from stages.common.engine import resolve_engine
     from stages.common.logprobs import encode_pairs
 
     p = parse_params(params)
-    base = workspace / p.paths.base
-    shape = memory.ModelShape.from_config(json.loads((base / "config.json").read_text()))
+    shape = workspace_shape(workspace, params)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    runtime = memory.runtime_bytes(device, runtime)
     fmt = workspace / p.paths.formatted
     tok = AutoTokenizer.from_pretrained(fmt / "tokenizer")
     max_len = p.model.max_seq_length
@@ -154,13 +171,15 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float) -> dict
 
     corpus = [tok.apply_chat_template(c, tokenize=False) for c in offline.generic_corpus(p.base.corpus_size, p.base.seed)]
     width = min(max_len, max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in corpus))
-    out["base"] = memory.pretrain(shape, rows=p.base.batch_size, width=width, runtime=runtime)
+    if p.model.is_tiny:
+        out["base"] = memory.pretrain(shape, rows=p.base.batch_size, width=width, runtime=runtime)
 
     sft_train = [len(r["input_ids"]) for r in _jsonl(fmt / "sft_train.jsonl")]
     trainer = p.sft.trainer
     rows = trainer.get("per_device_train_batch_size", 8)
     tokens = rows * (max_len if trainer.get("packing") else min(max_len, max(sft_train)))
-    out["sft"] = memory.training("sft", shape, method=p.sft.method, dtype="float32", tokens=tokens, device="cpu",
+    out["sft"] = memory.training("sft", shape, method=p.sft.method, dtype=dtype, tokens=tokens, device=device,
+                                 engine=resolve_engine(p.sft.engine),
                                  lora_r=p.sft.lora.r, lora_targets=p.sft.lora.target_modules,
                                  gradient_checkpointing=p.sft.gradient_checkpointing,
                                  double_quant=p.sft.quantization.double_quant, runtime=runtime)
@@ -168,11 +187,11 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float) -> dict
     held = sorted((len(r["input_ids"]) for r in _jsonl(fmt / "sft_eval.jsonl")[: p.merge.held_out]), reverse=True)
     batch = memory.rows_for_tokens(held, p.merge.tokens_per_batch, p.merge.batch_size)
     batch_tokens = max(n * held[sum(batch[:i])] for i, n in enumerate(batch))
-    merge_dtype = "float32" if p.merge.dtype == "auto" else p.merge.dtype
-    out["merge"] = memory.merge(shape, dtype=merge_dtype, device="cpu", held_out_tokens=sum(held),
+    merge_dtype = dtype if p.merge.dtype == "auto" else p.merge.dtype
+    out["merge"] = memory.merge(shape, dtype=merge_dtype, device=device, held_out_tokens=sum(held),
                                 batch_tokens=batch_tokens, lora_params=shape.lora_params(p.sft.lora.r,
                                                                                           p.sft.lora.target_modules),
-                                qlora=p.sft.method == "qlora", runtime=runtime)
+                                qlora=p.sft.method == "qlora", compute_dtype=dtype, runtime=runtime)
 
     pairs = _jsonl(fmt / "dpo_train.jsonl") + _jsonl(fmt / "dpo_eval.jsonl")
     prompts = [r["prompt"] for r in pairs]
@@ -183,11 +202,12 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float) -> dict
     four_bit = p.dpo.quantization == "nf4" or (p.dpo.quantization == "auto" and p.sft.method == "qlora")
     ref_rows = memory.rows_within(p.reference.tokens_per_batch, 2 * max_len, p.reference.batch_size)
     lora8 = shape.lora_params(p.dpo.lora.r, p.dpo.lora.target_modules)
-    out["reference"] = memory.reference(shape, dtype="float32", device="cpu", batch_tokens=2 * ref_rows * widths[0],
+    out["reference"] = memory.reference(shape, dtype=dtype, device=device, batch_tokens=2 * ref_rows * widths[0],
                                         four_bit=four_bit, lora_params=lora8, runtime=runtime)
     dpo_rows = p.dpo.trainer.get("per_device_train_batch_size", 8)
-    out["dpo"] = memory.training("dpo", shape, method="qlora" if four_bit else "lora", dtype="float32",
-                                 tokens=2 * dpo_rows * widths[0], device="cpu", lora_r=p.dpo.lora.r,
+    out["dpo"] = memory.training("dpo", shape, method="qlora" if four_bit else "lora", dtype=dtype,
+                                 tokens=2 * dpo_rows * widths[0], device=device, lora_r=p.dpo.lora.r,
+                                 engine=resolve_engine(p.sft.engine),
                                  lora_targets=p.dpo.lora.target_modules,
                                  gradient_checkpointing=p.dpo.gradient_checkpointing, runtime=runtime)
 
@@ -199,7 +219,7 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float) -> dict
                       for i, n in enumerate(b))
     gen_width = max(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in eval_pairs) + ev.max_new_tokens
     gen_tokens = memory.rows_within(ev.tokens_per_batch, gen_width, ev.batch_size) * gen_width if ev.samples else 0
-    out["evaluate"] = memory.evaluate(shape, dtype="float32", device="cpu", pair_tokens=pair_tokens,
+    out["evaluate"] = memory.evaluate(shape, dtype=dtype, device=device, pair_tokens=pair_tokens,
                                       generate_tokens=gen_tokens, lora_params=lora8, runtime=runtime)
     return out
 
@@ -308,9 +328,100 @@ def gpu_table() -> tuple[str, list[dict[str, Any]]]:
                  rows), data
 
 
+# --reduced: a handful of steps on offline data, for running a real preset (the recipe's 8B) quickly on a GPU
+REDUCED: dict[str, Any] = {
+    "generate": {"provider": "offline", "sft_count": 48, "dpo_count": 24},
+    "sft": {"trainer": {"max_steps": 5, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False,
+                        "logging_steps": 1}},
+    "dpo": {"trainer": {"max_steps": 5, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1}},
+    "merge": {"held_out": 8},
+    "evaluate": {"max_pairs": 8, "max_sft_examples": 8, "samples": 1, "style_prompts": 0, "max_new_tokens": 16,
+                 "embedding": "tfidf", "gates": {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
+                                                  "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None,
+                                                  "min_dpo_accuracy": None}},
+}
+# On CUDA each stage reports torch's peak device memory when it exits
+CUDA_STAGE = ("import atexit, runpy, sys, torch\n"
+              "atexit.register(lambda: print('CUDA_PEAK', torch.cuda.max_memory_allocated(), "
+              "torch.cuda.max_memory_reserved(), flush=True))\n"
+              "sys.argv = ['-m']\nrunpy.run_module(sys.argv_module, run_name='__main__')")
+
+
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set a.b.c=value (value parsed as YAML) -> nested mapping."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def cuda_peak(log: Path) -> tuple[float, float] | None:
+    lines = [ln.split() for ln in log.read_text().splitlines() if ln.startswith("CUDA_PEAK ")]
+    return (float(lines[-1][1]), float(lines[-1][2])) if lines else None
+
+
+def rehearse(args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage in the workspace, each in its own process; measured peaks against the memory model."""
+    ws = args.workspace.resolve()
+    if args.fresh and ws.exists():
+        shutil.rmtree(ws)
+    extra = deep_merge(REDUCED if args.reduced else {}, overrides(args.set))
+    params = prepare(ws, extra, preset=args.preset)
+    (ws / "logs").mkdir(exist_ok=True)
+    heavy = import_baseline(HEAVY_IMPORTS, ws)
+    measured: dict[str, Any] = {}
+    for name in args.stages.split(","):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        log = ws / "logs" / f"{name}.log"
+        cmd = [sys.executable, "-m", f"stages.{name}"]
+        if args.device == "cuda":
+            cmd = [sys.executable, "-c", CUDA_STAGE.replace("sys.argv_module", repr(f"stages.{name}"))]
+        measured[name] = run_child(cmd, ws, log)
+        if measured[name]["returncode"]:
+            raise SystemExit(f"stage {name} failed: see {log}")
+        if args.device == "cuda" and (peak := cuda_peak(log)):
+            measured[name].update(cuda_allocated_mb=memory.mib(peak[0]), cuda_reserved_mb=memory.mib(peak[1]))
+    runtime = {name: import_baseline(STAGE_IMPORTS[name], ws) if name in STAGE_IMPORTS else heavy for name in measured}
+    pred = predictions(ws, params, heavy, args.device)
+    vocab = workspace_shape(ws, params).vocab
+    rows = []
+    for name, m in measured.items():
+        p = pred.get(name) or memory.Prediction(name, {}, runtime[name], "no model: imports and the tokenizer")
+        if args.device == "cuda":
+            if name not in pred or "cuda_reserved_mb" not in m:
+                continue
+            peak = m["cuda_reserved_mb"] * memory.MiB + memory.CUDA_RUNTIME_BYTES  # + the context torch does not see
+        else:
+            peak = m["peak_rss_mb"] * memory.MiB
+            terms = {**p.terms, **({"tokenizer": memory.tokenizer_bytes(vocab)} if name in TOKENIZER_STAGES else {})}
+            p = memory.Prediction(name, terms, runtime[name], p.settings)
+        has_model = p.model_bytes > 0
+        bound = 2.5 * p.model_bytes + p.activation_bytes
+        m.update(predicted_mb=memory.mib(p.total), runtime_mb=memory.mib(p.runtime), ratio=round(peak / p.total, 2),
+                 above_runtime_mb=memory.mib(peak - p.runtime), bound_mb=memory.mib(bound) if has_model else None,
+                 terms_mb={k: memory.mib(v) for k, v in p.terms.items()}, settings=p.settings)
+        m["within"] = 1 / 1.5 <= m["ratio"] <= 1.5 and (not has_model or peak - p.runtime <= bound)
+        rows.append([name, memory.mib(peak), m["predicted_mb"], m["ratio"], m["runtime_mb"], m["above_runtime_mb"],
+                     m["bound_mb"] or "", "yes" if m["within"] else "NO", m["wall_s"], m["cpu_s"], p.settings])
+    measure = "CUDA peak (reserved + context) MB" if args.device == "cuda" else "peak RSS MB"
+    print(f"rehearsal: {args.preset.name}, device {args.device}, {os.cpu_count()} CPUs, vocab {vocab}")
+    print(table(["stage", measure, "predicted MB", "ratio", "runtime MB", "peak - runtime MB",
+                 "2.5 x model + activations MB", "within", "wall s", "cpu s", "settings"], rows))
+    return {"stages": measured, "preset": str(args.preset), "device": args.device, "overrides": extra}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "tuneforge-rehearsal")
+    parser.add_argument("--preset", type=Path, default=PRESET)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a param override (YAML)")
+    parser.add_argument("--reduced", action="store_true", help="a handful of steps on offline data (REDUCED)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--fresh", action="store_true", help="delete the workspace first")
     parser.add_argument("--logit-paths", action="store_true")
@@ -328,45 +439,7 @@ def main() -> None:
         names = list(next(iter(peaks.values())))
         print(table(["path", *peaks], [[n, *(peaks[k][n] for k in peaks)] for n in names]))
     elif not args.table_only:
-        ws = args.workspace.resolve()
-        if args.fresh and ws.exists():
-            shutil.rmtree(ws)
-        params = prepare(ws)
-        (ws / "logs").mkdir(exist_ok=True)
-        heavy = import_baseline(HEAVY_IMPORTS, ws)
-        measured: dict[str, Any] = {}
-        for name in args.stages.split(","):
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            measured[name] = run_child([sys.executable, "-m", f"stages.{name}"], ws, ws / "logs" / f"{name}.log")
-            if measured[name]["returncode"]:
-                raise SystemExit(f"stage {name} failed: see {ws / 'logs' / (name + '.log')}")
-        runtime = {name: import_baseline(STAGE_IMPORTS[name], ws) if name in STAGE_IMPORTS else heavy
-                   for name in measured}
-        pred = predictions(ws, params, heavy)
-        vocab = json.loads((ws / "models/base/config.json").read_text())["vocab_size"]
-        rows = []
-        for name, m in measured.items():
-            peak = m["peak_rss_mb"] * memory.MiB
-            p = pred.get(name) or memory.Prediction(name, {}, runtime[name], "no model: imports and the tokenizer")
-            terms = {**p.terms, **({"tokenizer": memory.tokenizer_bytes(vocab)} if name in TOKENIZER_STAGES else {})}
-            p = memory.Prediction(name, terms, runtime[name], p.settings)
-            has_model = p.model_bytes > 0
-            bound = 2.5 * p.model_bytes + p.activation_bytes
-            m.update(predicted_mb=memory.mib(p.total), runtime_mb=memory.mib(p.runtime), ratio=round(peak / p.total, 2),
-                     above_runtime_mb=memory.mib(peak - p.runtime), bound_mb=memory.mib(bound) if has_model else None,
-                     terms_mb={k: memory.mib(v) for k, v in p.terms.items()}, settings=p.settings)
-            ok = 1 / 1.5 <= m["ratio"] <= 1.5 and (not has_model or peak - p.runtime <= bound)
-            m["within"] = ok
-            rows.append([name, m["peak_rss_mb"], m["predicted_mb"], m["ratio"], m["runtime_mb"],
-                         m["above_runtime_mb"], m["bound_mb"] or "", "yes" if ok else "NO", m["wall_s"], m["cpu_s"],
-                         p.settings])
-        result["stages"] = measured
-        cfg = json.loads((ws / "models/base/config.json").read_text())
-        result["model"] = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                                "num_attention_heads", "num_key_value_heads")}
-        print(f"rehearsal model: {result['model']}, {os.cpu_count()} CPUs")
-        print(table(["stage", "peak RSS MB", "predicted MB", "ratio", "runtime MB", "peak - runtime MB",
-                     "2.5 x model + activations MB", "within", "wall s", "cpu s", "settings"], rows))
+        result |= rehearse(args)
     print("\nLlama-3.1-8B on one GPU (predicted by stages/common/memory.py):")
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,11 +65,21 @@ def inference_dtype() -> torch.dtype:
     return torch.float32
 
 
-def _logits(hidden, weight, bias, temperature, softcap, logit_scale):
-    """One chunk's transformed logits in fp32 (the projection under the caller's autocast, as TRL's kernel runs its
-    tiles in the compute dtype), and tanh of the softcap for the backward. No copy for a scale or temperature of 1."""
-    z = torch.nn.functional.linear(hidden, weight, bias).float()
-    return _transform(z, temperature, softcap, logit_scale)
+def _project(hidden, weight, bias, out):
+    """hidden @ weight.T (+ bias) into `out`, an fp32 buffer reused from chunk to chunk (no allocation per chunk:
+    freed chunk-sized tensors would fragment the CPU heap). Under autocast the projection runs in the autocast
+    dtype, as TRL's kernel runs its tiles in the compute dtype, and is copied in."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _logits(hidden, weight, bias, temperature, softcap, logit_scale, out):
+    """One chunk's transformed logits in fp32 in `out`, and tanh of the softcap for the backward. In place: no
+    copy for a scale or temperature of 1."""
+    return _transform(_project(hidden, weight, bias, out), temperature, softcap, logit_scale)
 
 
 @torch.autocast("cpu", enabled=False)
@@ -86,28 +96,32 @@ def _transform(z, temperature, softcap, logit_scale):
     return z, tanh
 
 
-def _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
-    """TRL's per-token LM-head outputs for a block of positions, from their full-vocabulary logits in fp32."""
-    z, _ = _logits(hidden, weight, bias, temperature, softcap, logit_scale)
-    return _outputs_from_logits(z, targets, outputs)
+def _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs, buffers):
+    """TRL's per-token LM-head outputs for a block of positions, from their full-vocabulary logits in fp32
+    (computed in buffers[0], with buffers[1] as the second chunk-sized buffer)."""
+    z, _ = _logits(hidden, weight, bias, temperature, softcap, logit_scale, buffers[0])
+    return _outputs_from_logits(z, targets, outputs, buffers[1])
 
 
 @torch.autocast("cpu", enabled=False)
 @torch.autocast("cuda", enabled=False)
-def _outputs_from_logits(z, targets, outputs):
-    """Everything after the projection in fp32, whatever the caller's autocast (vecdot would otherwise run in bf16)."""
-    log_z = torch.logsumexp(z, dim=-1)
-    log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-    entropy = log_sum_sq = mean_logits = is_top1 = None
-    if "entropy" in outputs:
-        entropy = log_z - torch.linalg.vecdot(torch.softmax(z, dim=-1), z)
-    if "log_sum_sq_probs" in outputs:
-        log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
-    if "mean_logits" in outputs:
-        mean_logits = z.mean(-1)
-    if "is_top1" in outputs:
-        is_top1 = z.argmax(-1) == targets
-    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+def _outputs_from_logits(z, targets, outputs, spare):
+    """Everything after the projection in fp32, whatever the caller's autocast. Works in place on `z` and `spare`
+    (no autograd here: the backward is written out)."""
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mean_logits = z.mean(-1) if "mean_logits" in outputs else None
+    is_top1 = (z.argmax(-1) == targets) if "is_top1" in outputs else None
+    top = z.amax(-1, keepdim=True)
+    shifted = z.sub_(top)  # z - max, in place
+    e = torch.exp(shifted, out=spare)
+    total = e.sum(-1)
+    log_z = top.squeeze(-1) + total.log()
+    entropy = log_sum_sq = None
+    if "entropy" in outputs:  # H = log Z - sum p z = log(total) - sum e (z - max) / total
+        entropy = total.log() - torch.linalg.vecdot(e, shifted) / total
+    if "log_sum_sq_probs" in outputs:  # log sum p^2 = log sum e^2 - 2 log total
+        log_sum_sq = e.square_().sum(-1).log() - 2 * total.log()
+    return picked - log_z, entropy, log_sum_sq, mean_logits, is_top1
 
 
 class TorchLogProb(torch.autograd.Function):
@@ -128,12 +142,14 @@ class TorchLogProb(torch.autograd.Function):
         from stages.common.memory import logit_chunk_tokens
 
         ctx.set_materialize_grads(False)
-        rows = logit_chunk_tokens(weight.shape[0])
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = logit_chunk_tokens(vocab)
         h, w, b = hidden.float(), weight.float(), None if bias is None else bias.float()  # weight cast once
+        buffers = torch.empty((2, max(1, min(rows, n)), vocab), dtype=torch.float32, device=hidden.device)
         parts = [_head_outputs(h[s : s + rows], w, b, targets[s : s + rows], temperature, softcap, logit_scale,
-                               outputs) for s in range(0, hidden.shape[0], rows)]
+                               outputs, buffers[:, : min(rows, n - s)]) for s in range(0, n, rows)]
         if not parts:  # a micro-batch without a scored token
-            parts = [_head_outputs(h, w, b, targets, temperature, softcap, logit_scale, outputs)]
+            parts = [_head_outputs(h, w, b, targets, temperature, softcap, logit_scale, outputs, buffers[:, :0])]
         result = tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
         ctx.save_for_backward(hidden, weight, bias, targets, result[1] if result[1] is not None else result[0])
         device = hidden.device.type
@@ -156,18 +172,23 @@ class TorchLogProb(torch.autograd.Function):
         if grad_log_probs is not None or grad_entropy is not None:
             device, enabled, dtype = ctx.autocast
             h_all, w, b = hidden.float(), weight.float(), None if bias is None else bias.float()
+            n = hidden.shape[0]
+            buffers = torch.empty((2, max(1, min(rows, n)), weight.shape[0]), dtype=torch.float32, device=hidden.device)
             with torch.no_grad():
-                for s in range(0, hidden.shape[0], rows):
+                for s in range(0, n, rows):
                     h = h_all[s : s + rows]
                     with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's logits, recomputed
-                        z, tanh = _logits(h, w, b, temperature, softcap, logit_scale)
-                    log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z becomes log p, in place
-                    p = log_p.exp()
+                        z, tanh = _logits(h, w, b, temperature, softcap, logit_scale, buffers[0, : h.shape[0]])
+                    z.sub_(z.amax(-1, keepdim=True))
+                    p = torch.exp(z, out=buffers[1, : h.shape[0]])
+                    total = p.sum(-1, keepdim=True)
+                    p.div_(total)
+                    log_p = z.sub_(total.log_())  # z becomes log p, in place
                     if grad_entropy is not None:  # -g_H p (log p + H), in log p's buffer
                         grad = log_p.add_(entropy[s : s + rows, None]).mul_(p).mul_(-grad_entropy[s : s + rows,
                                                                                                 None].float())
                     else:
-                        grad = torch.zeros_like(p)
+                        grad = log_p.zero_()
                     if grad_log_probs is not None:  # g (onehot - p)
                         g = grad_log_probs[s : s + rows, None].float()
                         grad.sub_(p.mul_(g))
@@ -180,7 +201,7 @@ class TorchLogProb(torch.autograd.Function):
                     if logit_scale != 1.0:
                         grad.mul_(logit_scale)
                     if grad_h is not None:  # the projection's gradients in fp32, as TRL's kernel accumulates them
-                        grad_h[s : s + rows] = grad @ w
+                        torch.mm(grad, w, out=grad_h[s : s + rows])
                     if grad_w is not None:
                         grad_w.addmm_(grad.t(), h)
                     if grad_b is not None:

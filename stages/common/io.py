@@ -96,28 +96,10 @@ def setup_logging() -> None:
     )
 
 
-MMAP_THRESHOLD = 8 * 1024 * 1024
-
-
-def return_freed_memory() -> None:
-    """Keep glibc from holding on to freed tensors: after each large free it raises its mmap threshold (up to
-    32 MiB), chunk-sized tensors (the logit chunks, memory.logit_chunk_tokens) then come from the heap and
-    fragment it, and a CPU stage's resident memory climbs step after step (measured: +470 MB over 3 SFT steps of
-    the rehearsal). A fixed threshold keeps every allocation above it mmapped and returned to the OS when freed."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3 = M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to pin
-            pass
-
-
 def run_main(fn: Callable[[], None]) -> None:
     """Run a stage's main(): bad params or inputs exit 2 with one clear line, no traceback."""
     from stages.common.config import ParamsError
 
-    return_freed_memory()
     setup_logging()
     try:
         fn()

@@ -124,15 +124,32 @@ def lm_head(model: Any, chunk_tokens: int | None = None) -> Head | None:
 
 def scored_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for each row of `hidden` (n, hidden size): the LM head and an fp32 log-softmax on `chunk`
-    rows at a time."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], head.chunk):
-        z = head.head(hidden[start : start + head.chunk])
+    rows at a time, in place on the chunk's logits (one chunk-sized buffer; two for a 16-bit head)."""
+    n = hidden.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    plain = type(head.head) is torch.nn.Linear  # else (e.g. a PEFT-wrapped head) call the module
+    weight = head.head.weight
+    rows = max(1, min(head.chunk, n))
+    buf = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)  # reused: no heap churn
+    low = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device) \
+        if plain and weight.dtype != torch.float32 else None
+    for start in range(0, n, head.chunk):
+        h = hidden[start : start + head.chunk]
+        if not plain:
+            z = head.head(h).float()
+        elif low is None:
+            z = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+        else:  # a 16-bit head computes in its dtype, as the model's own forward would, then in fp32
+            z = buf[: h.shape[0]].copy_(torch.mm(h, weight.t(), out=low[: h.shape[0]]))
+        if plain and head.head.bias is not None:
+            z.add_(head.head.bias)
         if head.scale != 1.0:
-            z = z * head.scale
+            z.mul_(head.scale)
         if head.softcap is not None:
-            z = head.softcap * torch.tanh(z / head.softcap)
-        out[start : start + head.chunk] = _token_logps(z, targets[start : start + head.chunk])
+            z.div_(head.softcap).tanh_().mul_(head.softcap)
+        z.sub_(z.amax(-1, keepdim=True))
+        picked = z.gather(-1, targets[start : start + h.shape[0]].unsqueeze(-1)).squeeze(-1)
+        out[start : start + head.chunk] = picked - z.exp_().sum(-1).log()
     return out
 
 

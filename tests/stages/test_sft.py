@@ -54,6 +54,7 @@ def test_every_method_trains_and_loads_with_plain_transformers(trained, method, 
     ws, report = trained(method)
     monkeypatch.chdir(ws)  # tuneforge.json names the base relative to the workspace
     assert report["method"] == method and report["engine"] == "transformers"
+    assert report["gradient_checkpointing"] is True  # sft.gradient_checkpointing, on every method by default
     assert report["steps"] == 6 and report["first_loss"] is not None
     adapter = (ws / "models/sft/adapter_config.json").exists()
     assert adapter == (method in ("lora", "qlora"))

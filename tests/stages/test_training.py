@@ -293,3 +293,13 @@ def test_trl_dpo_sees_the_tokens_format_checked(adds_bos, tmp_path):
         plain = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
                            train_dataset=Dataset.from_list(rows))
         assert plain.train_dataset[0]["prompt_ids"][:2] == [tok.bos_token_id] * 2
+
+
+def test_gradient_checkpointing_is_the_stage_param_not_a_trainer_key():
+    from stages.common.io import InputError
+    from stages.common.training import trl_args
+
+    assert trl_args({"learning_rate": 1e-3}, "sft", False)["gradient_checkpointing"] is False
+    assert trl_args({}, "dpo", True)["gradient_checkpointing"] is True
+    with pytest.raises(InputError, match=r"sft\.trainer\.gradient_checkpointing: set sft\.gradient_checkpointing"):
+        trl_args({"gradient_checkpointing": True}, "sft", True)

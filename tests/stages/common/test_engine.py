@@ -87,10 +87,20 @@ def test_both_engines_train_and_write_adapters_plain_peft_loads(tiny, tmp_path, 
 
 
 def _full_logits_logprob(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
-    """What TorchLogProb computed before it was chunked: full logits for every position, plain autograd."""
-    from stages.common.engine import _head_outputs
-
-    return _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs)
+    """What TorchLogProb computed before it was chunked: full logits for every position, plain autograd (the
+    projection under the caller's autocast, the rest in fp32)."""
+    z = torch.nn.functional.linear(hidden.float(), weight.float(), bias.float()).float()
+    with torch.autocast("cpu", enabled=False):
+        z = z * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        log_z = torch.logsumexp(z, dim=-1)
+        log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+        entropy = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
+        with torch.no_grad():
+            log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
+            return log_probs, entropy, log_sum_sq, z.mean(-1), z.argmax(-1) == targets
 
 
 @pytest.mark.parametrize("softcap,scale,temperature", [(None, 1.0, 1.0), (30.0, 0.5, 0.7)])
@@ -112,29 +122,33 @@ def test_torch_logprob_is_chunked_and_equals_full_logits(monkeypatch, softcap, s
     bias = torch.randn(vocab, requires_grad=True)
     targets = torch.randint(0, vocab, (n,))
     outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-    seen = []
-    real_linear = torch.nn.functional.linear
+    from stages.common import engine
 
-    def counting_linear(x, *args, **kwargs):
+    seen = []
+    real_project = engine._project
+
+    def counting_project(x, *args, **kwargs):  # every projection of the head, forward and backward
         seen.append(x.shape[0])
-        return real_linear(x, *args, **kwargs)
+        return real_project(x, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_project", counting_project)
 
     def run(fn, amp):
         for t in (hidden, weight, bias):
             t.grad = None
         seen.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
             out = fn(hidden, weight, bias, targets, temperature, softcap, scale, outputs)
-            monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
         rows = list(seen)
         (out[0].sum() * 0.3 + out[1].sum() * 0.7).backward()
-        return [o.detach().clone() for o in out], [t.grad.clone() for t in (hidden, weight, bias)], rows
+        return [o.detach().clone() for o in out], [t.grad.clone() for t in (hidden, weight, bias)], (rows, seen[len(rows):])
 
     chunked = lambda *a: TorchLogProb.apply(*a[:5], 32768, *a[5:])  # noqa: E731
     c_out, c_grad, c_rows = run(chunked, autocast)
     f_out, f_grad, _ = run(_full_logits_logprob, autocast)
-    assert max(c_rows) == 3 and sum(c_rows) == n  # never more than one chunk of positions at full vocabulary
+    forward_rows, backward_rows = c_rows
+    assert max(forward_rows) == 3 and sum(forward_rows) == n  # never more than one chunk of positions at full vocabulary
+    assert max(backward_rows) == 3 and sum(backward_rows) == n  # the backward recomputes them the same way
     for a, b in zip(c_out, f_out, strict=True):
         assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, atol=1e-5, rtol=0)
     if not autocast:
