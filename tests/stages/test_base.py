@@ -168,3 +168,36 @@ def test_changing_model_revision_reruns_the_pipeline_from_base(hub_cache, tmp_pa
     dvc("repro", "--force", "base", cwd=repo)
     assert commit() == SHA_V2
     assert "models/base" in dvc("status", "validate", cwd=repo).stdout  # and validate, format ... are stale
+
+
+@pytest.fixture(scope="module")
+def llama31():
+    from stages.base import build_llama31_tokenizer
+
+    texts = [m["content"] for conv in offline.generic_corpus(60, seed=0) for m in conv]
+    return build_llama31_tokenizer(texts, 128256)
+
+
+def test_llama31_tokenizer_has_the_real_shape_and_passes_the_template_contract(llama31, tmp_path):
+    """Llama-3.1-8B's 128,256 ids with its special tokens at their ids, BOS added by the tokenizer, its own chat
+    template (with the knowledge-date system header), EOS <|eot_id|>; `format`'s golden contract holds."""
+    from transformers import AutoTokenizer
+
+    from stages.base import llama31_chat_template
+    from stages.format import contract_problems
+
+    tok = llama31
+    assert len(tok) == 128256
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                     "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
+                                                     "<|reserved_special_token_247|>")}
+    assert ids == {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
+                   "<|end_header_id|>": 128007, "<|eot_id|>": 128009, "<|finetune_right_pad_id|>": 128004,
+                   "<|reserved_special_token_247|>": 128255}
+    assert tok.eos_token == "<|eot_id|>" and tok("Hi")["input_ids"][0] == 128000
+    tok.save_pretrained(tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    assert saved.chat_template == llama31_chat_template() and len(saved) == 128256
+    text = saved.apply_chat_template(CONV, tokenize=False)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date")
+    assert contract_problems(tok, saved) == []
