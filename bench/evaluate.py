@@ -55,9 +55,10 @@ REHEARSAL = Path(__file__).resolve().parents[1] / "presets" / "rehearsal-8b-shap
 
 
 def held_out_pairs(n: int, tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
-    """N DPO pairs as the default pipeline renders them: (prompts, chosen, rejected) texts."""
-    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n})
-    _, dpo, _ = generate_offline(cfg)
+    """N DPO pairs as the default pipeline renders them, every one with the persona system prompt (the
+    pipeline gives it to generate.system_prompt_share of them): (prompts, chosen, rejected) texts."""
+    cfg = load_params().generate.model_copy(update={"sft_count": 0, "dpo_count": n, "system_prompt_share": 1.0})
+    _, dpo, _ = generate_offline(cfg, load_params().heldout)
     rows = [render_dpo(tokenizer, row, "<|eot_id|>") for row in dpo]
     return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
 
@@ -197,8 +198,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
 
-    corpus = [m["content"] for c in offline.generic_corpus(300, seed=0) for m in c]
-    corpus += offline.persona_text_sample(100, seed=0)
+    corpus = offline.corpus_texts(offline.base_corpus(300, 0, load_params().heldout, offline.builtin_persona()))
     if args.shape == "rehearsal":
         preset = deep_merge(read_yaml(PARAMS_FILE), read_yaml(REHEARSAL))
         cfg = parse_params(preset, REHEARSAL).base

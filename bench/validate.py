@@ -1,6 +1,7 @@
 """Benchmark the `validate` stage: speed, memory and near-duplicate recall/precision.
 
 Run: python bench/validate.py [--rows 100000] [--dup-share 0.05] [--sample 5000] [--out reports/bench_validate.json]
+     python bench/validate.py --datasketch    # also time datasketch's MinHashLSH (pip install -e ".[bench]")
 
 Writes N synthetic SFT rows (~200 tokens each in the tiny tokenizer) of which dup-share are planted
 near-duplicates (a copy of another row with 1-3 words substituted), runs read_source + validate()
@@ -124,6 +125,36 @@ def exact_pairs(texts: list[str], threshold: float, k: int) -> set[tuple[int, in
     return {(int(a), int(b)) for a, b in zip(i[jac >= threshold], j[jac >= threshold], strict=True)}
 
 
+def compare_datasketch(texts: list[str], threshold: float, k: int, num_perm: int, seed: int) -> dict:
+    """Near-duplicate pairs by stages/common/dedup.py vs datasketch's MinHash + MinHashLSH on the same
+    shingles, bands and exact-Jaccard confirmation; CPU seconds of this process for each."""
+    from datasketch import MinHash, MinHashLSH
+
+    from stages.common.dedup import lsh_params, near_duplicate_pairs, shingle_sets
+
+    c0 = time.process_time()
+    ours = {(i, j) for i, j, _ in near_duplicate_pairs(texts, threshold, k, num_perm, seed)}
+    c1 = time.process_time()
+    sets = shingle_sets(texts, k)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=lsh_params(threshold, num_perm))
+    sigs = []
+    for i in range(len(texts)):
+        m = MinHash(num_perm=num_perm, seed=seed, hashfunc=int, scheme="affine64")  # our 64-bit shingle hashes
+        m.update_batch(sets.doc(i).tolist())
+        sigs.append(m)
+    c2 = time.process_time()
+    with lsh.insertion_session() as session:
+        for i, m in enumerate(sigs):
+            session.insert(i, m, check_duplication=False)
+    candidates = {(i, j) for i, m in enumerate(sigs) for j in lsh.query(m) if j > i}
+    theirs = {(i, j) for i, j in candidates if sets.jaccard(i, j) >= threshold}
+    c3 = time.process_time()
+    return {"texts": len(texts), "numpy_cpu_seconds": round(c1 - c0, 2),
+            "datasketch_cpu_seconds": round(c3 - c1, 2), "datasketch_minhash_cpu_seconds": round(c2 - c1, 2),
+            "pairs_numpy": len(ours), "pairs_datasketch": len(theirs), "pairs_only_numpy": len(ours - theirs),
+            "pairs_only_datasketch": len(theirs - ours), "datasketch_candidates": len(candidates)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
@@ -131,6 +162,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("reports/bench_validate.json"))
+    ap.add_argument("--datasketch", action="store_true", help="also time datasketch's MinHashLSH on the rows")
     ap.add_argument("--child", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -218,6 +250,10 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "targets": {"validate_seconds": 60, "peak_rss_mb": 4096, "recall": 0.95, "precision": 0.99},
     }
+    if args.datasketch:
+        all_texts = ["\n".join(m["content"] for m in r["messages"]) for r in rows]
+        figures["datasketch"] = compare_datasketch(all_texts, cfg.near_dup_threshold, cfg.shingle_size,
+                                                   cfg.num_perm, cfg.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

@@ -185,14 +185,16 @@ def run_stage(stage: str, root: str, force: bool = False) -> State[StageResult]:
 @dataclass(frozen=True)
 class ReportArtifact:
     key: str
-    files: tuple[str, ...]  # under params.paths.reports; the first that exists is published
+    files: tuple[str, ...]  # under `folder`; the first that exists is published
     description: str
+    folder: tuple[str, str] = ("paths.reports", "reports")  # params key of the folder, its default
 
 
 ARTIFACTS = (
     ReportArtifact("eval-table", ("eval.md",), "Evaluation table"),
     ReportArtifact("validation-summary", ("validation.md", "validation.json"), "Validation summary"),
     ReportArtifact("generation-cost", ("generation.json",), "Generation cost and counts"),
+    ReportArtifact("model-card", ("README.md",), "Model card of the exported model", ("paths.final", "models/final")),
 )
 
 
@@ -220,10 +222,10 @@ def publish_artifacts(root: Path, graph: StageGraph, done: set[str], params: Map
     this run (ran, skipped or restored), so a partial run never shows a stale downstream report.
     """
     logger = get_run_logger()
-    reports = Path(str(lookup(params, "paths.reports", "reports")))
     created = []
     for art in ARTIFACTS:
-        rel = [(reports / name).as_posix() for name in art.files]
+        folder = Path(str(lookup(params, *art.folder)))
+        rel = [(folder / name).as_posix() for name in art.files]
         producer = next((p for f in rel if (p := _producer(f, graph.outs))), None)
         if producer is not None and producer not in done:
             continue

@@ -1,10 +1,12 @@
 """Build the base model: the embedded tiny Llama (default) or a pointer to a real one.
 
-DVC stage `base`: params model, base -> models/base.  Run: python -m stages.base
+DVC stage `base`: params model, base, heldout -> models/base, data/base_corpus.  Run: python -m stages.base
 
 With `model.base: tiny` it trains a byte-level BPE tokenizer, installs the Llama-3-style chat
 template, builds a small Llama-architecture causal LM and pretrains it briefly on generic-assistant
-conversations written offline, so that like a real instruct model it prefers generic answers.
+conversations written offline, so that like a real instruct model it prefers generic answers. The
+corpus (data/base_corpus/corpus.jsonl) holds no fine-tuning question and no held-out subtopic or
+frame (stages/common/splits.py); validate's contamination report checks that by measurement.
 With any other `model.base` (a Hugging Face id or local path) it saves only the tokenizer (with a
 chat template installed if it has none) and `base_ref.json` naming the model; weights are loaded
 from there by the training stages.
@@ -30,9 +32,9 @@ from transformers import (
 
 from stages.common import offline
 from stages.common.base_ref import BASE_REF, hub_snapshot, resolve_base
-from stages.common.config import BaseConfig, ModelConfig, load_params
-from stages.common.io import InputError, run_main, write_json
-from stages.common.templates import LLAMA3, ChatTemplate
+from stages.common.config import BaseConfig, HeldoutConfig, ModelConfig, load_params
+from stages.common.io import InputError, run_main, write_json, write_jsonl
+from stages.common.templates import LLAMA3, ChatTemplate, set_end_of_turn_eos
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,9 @@ def pretrain(
     return trainer.state.log_history
 
 
-def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path) -> dict:
-    """Write models/base; returns a small summary."""
+def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path, corpus_dir: Path | None = None,
+         heldout: HeldoutConfig | None = None, persona: Path | None = offline.BUILTIN_PERSONA) -> dict:
+    """Write models/base (and, for the tiny base, its pretraining corpus to corpus_dir); returns a summary."""
     output.mkdir(parents=True, exist_ok=True)
     template = LLAMA3
     if not model_cfg.is_tiny:
@@ -182,35 +185,44 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path) -> dict:
             raise InputError(f"params.yaml: model.base={model_cfg.base!r}: no tokenizer in {source}: {err}") from None
         tokenizer.save_pretrained(output)  # its template, if any, is kept; `format` applies model.chat_template
         write_json(output / BASE_REF, ref)
+        if corpus_dir is not None:  # nothing of ours was pretrained on: an empty corpus, so audits still run
+            write_jsonl(corpus_dir / offline.CORPUS_FILE, [])
         return {k: v for k, v in ref.items() if k != "files"}
 
     torch.manual_seed(cfg.seed)
-    conversations = offline.generic_corpus(cfg.corpus_size, seed=cfg.seed)
-    # Like a real base, it has read analytical prose (plain documents, outside any chat turn) but
-    # answers as a generic assistant: fine-tuning then shifts style, not vocabulary.
-    documents = offline.persona_text_sample(cfg.corpus_size // 3, seed=cfg.seed)
-    texts = [m["content"] for conv in conversations for m in conv] + documents
+    # Generic-assistant conversations about training subtopics (questions from the pretraining pool only),
+    # and, like a real base, plain analytical prose in the persona's register outside any chat turn, so
+    # fine-tuning shifts style, not vocabulary. Held-out subtopics and frames never appear.
+    register = offline.load_register(persona) if persona is not None else None
+    corpus = offline.base_corpus(cfg.corpus_size, cfg.seed, heldout or HeldoutConfig(), register, cfg.documents)
+    if corpus_dir is not None:
+        write_jsonl(corpus_dir / offline.CORPUS_FILE, [row.as_dict() for row in corpus])
+    conversations = [row.messages for row in corpus if row.kind == "chat"]
+    documents = [row.text for row in corpus if row.kind == "document"]
     if cfg.tokenizer == "llama-3.1":
-        tokenizer = build_llama31_tokenizer(texts, cfg.vocab_size)
+        tokenizer = build_llama31_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size)
     else:
-        tokenizer = build_tokenizer(texts, cfg.vocab_size, template)
+        tokenizer = build_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size, template)
     tokenizer.model_max_length = model_cfg.max_seq_length
     texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in conversations]
     texts += [tokenizer.bos_token + doc + tokenizer.eos_token for doc in documents]
     model = build_model(cfg, tokenizer, model_cfg.max_seq_length)
-    log.info("tiny base: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
+    log.info("tiny base: %.2fM parameters, vocab %d, %d conversations + %d documents", model.num_parameters() / 1e6,
+             len(tokenizer), len(conversations), len(documents))
     history = pretrain(model, tokenizer, texts, cfg, model_cfg.max_seq_length, output / ".trainer")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    set_end_of_turn_eos(model.generation_config, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     losses = [h["loss"] for h in history if "loss" in h]
-    return {"base": "tiny", "parameters": model.num_parameters(), "final_loss": losses[-1] if losses else None}
+    return {"base": "tiny", "parameters": model.num_parameters(), "final_loss": losses[-1] if losses else None,
+            "corpus_rows": len(corpus)}
 
 
 def main() -> None:
     params = load_params()
-    summary = base(params.model, params.base, params.paths.base)
+    summary = base(params.model, params.base, params.paths.base, params.paths.base_corpus, params.heldout,
+                   params.generate.persona.offline)
     log.info("base ready in %s: %s", params.paths.base, summary)
 
 

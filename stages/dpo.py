@@ -1,13 +1,15 @@
 """Direct preference optimisation of the merged SFT model with a fresh LoRA adapter.
 
-DVC stage `dpo`: models/sft-merged + data/formatted/dpo_*.jsonl -> models/dpo, reports/dpo.json, reports/dpo_loss.csv.
+DVC stage `dpo`: models/sft-merged + data/formatted/dpo_*.jsonl -> models/dpo, reports/dpo.json, dvclive/dpo.
 Run: python -m stages.dpo
 
 The reference is the merged SFT model itself (never the raw base; its content hash is recorded in
 reports/dpo.json), and its log-probs for every pair come precomputed from the `reference` stage
 (data/reference_logps), so no reference forward runs here and changing `dpo.*` (e.g. beta) reuses them.
-The policy is sft-merged plus a new zero-initialised LoRA adapter. `dpo.trainer` goes straight into
-trl.DPOConfig.
+The policy is sft-merged plus a new zero-initialised LoRA adapter, on the engine sft-merged was trained with.
+`dpo.trainer` goes straight into trl.DPOConfig, except the keys the stage sets itself (config validation refuses
+them); its `report_to` (default [dvclive]) picks the trackers: DVCLive writes loss, rewards/margins, accuracies
+... per step to dvclive/dpo.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import time
 from typing import Any, Literal
 
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig, load_params
-from stages.common.engine import device, load_for_training, resolve_engine, write_meta
+from stages.common.engine import device, load_for_training, write_meta
 from stages.common.io import hash_dir, require, run_main, write_json
-from stages.common.reference_logps import dpo_quantization, dpo_spec, load_reference_logps
+from stages.common.reference_logps import dpo_quantization, dpo_spec, load_reference_logps, sft_merged_engine
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -30,11 +32,10 @@ from stages.common.training import (
     load_rows,
     mixed_precision,
     relaunch_distributed,
+    report_to_trackers,
     run_key,
-    summarize,
-    trl_args,
+    trl_config,
     trl_text_rows,
-    write_loss_curve,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     sft_merged_hash = hash_dir(sft_merged)
     ref_inputs = []
     if ref_logps == "stored":  # checked before any model is loaded
-        settings = (resolve_engine(sft_cfg.engine), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
+        settings = (sft_merged_engine(paths, sft_cfg), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
                     sft_merged_hash, dpo_quantization(cfg, sft_cfg))
         train_rows = with_reference(train_rows, load_reference_logps(paths, "dpo_train", *settings))
         eval_rows = with_reference(eval_rows, load_reference_logps(paths, "dpo_eval", *settings))
@@ -91,15 +92,10 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
                   {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "sft_merged": sft_merged_hash,
                    "engine": engine, "ref_logps": ref_logps, "quantization": dpo_quantization(cfg, sft_cfg)})
     out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
-    trainer_args = trl_args(cfg.trainer, "dpo", spec.gradient_checkpointing)  # fp32 on CPU unless dpo.trainer says so
-    args = TrlDPOConfig(
-        output_dir=str(out_dir),
-        beta=cfg.beta,
-        max_length=model_cfg.max_seq_length,
-        report_to=[],
-        use_cpu=device() == "cpu",
-        **trainer_args,
-    )
+    # fp32 on CPU unless dpo.trainer says otherwise (trl_config); checkpointing as the engine prepared the model
+    args = trl_config(TrlDPOConfig, "dpo.trainer", cfg.trainer, output_dir=str(out_dir), beta=cfg.beta,
+                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu",
+                      gradient_checkpointing=spec.gradient_checkpointing)
     ref_model = None
     if ref_logps == "model":
         from stages.common.engine import load_causal_lm
@@ -107,6 +103,7 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         ref_model = load_causal_lm(str(sft_merged), dtype=next(model.parameters()).dtype).eval()
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
                          eval_dataset=evaluation, processing_class=tokenizer)
+    report_to_trackers(trainer, paths, "dpo", key)
     if ref_logps == "stored":
         # TRL's loss then reads ref_chosen_logps / ref_rejected_logps from the batch (its collator passes the
         # columns through) instead of running the reference; DPOConfig.precompute_ref_log_probs stays False
@@ -117,17 +114,15 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     runtime = time.perf_counter() - started
     final_eval = trainer.evaluate()
 
-    history = trainer.state.log_history
     if trainer.is_world_process_zero():  # under `accelerate launch` only rank 0 writes
         paths.dpo.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(paths.dpo)
         tokenizer.save_pretrained(paths.dpo)
         write_meta(paths.dpo, stage="dpo", base=str(sft_merged), sft_merged_sha256=sft_merged_hash, engine=engine,
                    run_key=key)
-        write_loss_curve(history, paths.reports / "dpo_loss.csv")
     finish_run(out_dir)
-    return {
-        **summarize(history),
+    return {  # the step metrics (loss, rewards/margins, rewards/accuracies ...) are DVCLive's, in dvclive/dpo
+        "steps": trainer.state.global_step,
         "beta": cfg.beta,
         "engine": engine,
         "quantization": dpo_quantization(cfg, sft_cfg),

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 
 from stages.common.config import Params, load_params
-from stages.common.io import InputError, read_jsonl, require, run_main, write_json, write_jsonl
-from stages.common.templates import load_base_tokenizer
+from stages.common.io import read_jsonl, require, run_main, write_json, write_jsonl
+from stages.common.splits import SPLITS
+from stages.common.templates import ContractError, end_of_turn, load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 TOKENIZER_DIR = "tokenizer"
-_PROBE = "QZXJ-probe-content"
 
 GOLDEN: tuple[tuple[str, list[Message]], ...] = (
     (
@@ -69,10 +69,6 @@ GOLDEN: tuple[tuple[str, list[Message]], ...] = (
 )
 
 
-class ContractError(InputError):
-    """The chat template / tokenizer contract is violated; training must not start."""
-
-
 def _ids(tokenizer: Any, messages: list[Message], gen: bool = False) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=gen)
     return list(out["input_ids"])
@@ -80,21 +76,6 @@ def _ids(tokenizer: Any, messages: list[Message], gen: bool = False) -> list[int
 
 def _text(tokenizer: Any, messages: list[Message], gen: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-
-
-def end_of_turn(tokenizer: Any) -> str:
-    """The control string the template writes right after assistant content (e.g. <|eot_id|>)."""
-    text = _text(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
-    rest = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip(" ")
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(
-        tokenizer.all_special_tokens
-    )
-    for s in sorted(specials, key=len, reverse=True):
-        if s and rest.startswith(s):
-            return s
-    raise ContractError(
-        f"chat template writes no special end-of-turn token after assistant content (got {rest!r})"
-    )
 
 
 def use_end_of_turn_as_eos(tokenizer: Any) -> str | None:
@@ -277,6 +258,15 @@ def _distribution(lengths: list[int], max_len: int) -> dict[str, Any]:
     }
 
 
+SFT_SPLITS = tuple(f"sft_{s}" for s in SPLITS)
+DPO_SPLITS = tuple(f"dpo_{s}" for s in SPLITS)
+
+
+def _meta(record: dict[str, Any]) -> dict[str, Any]:
+    """The row's metadata (subtopic, grammar frames) travels on: evaluate checks answers mention the subject."""
+    return {"meta": record["meta"]} if isinstance(record.get("meta"), dict) else {}
+
+
 @dataclass
 class Formatted:
     splits: dict[str, list[dict[str, Any]]]
@@ -304,10 +294,10 @@ def format_data(
         "max_seq_length": max_seq_length,
         "golden_checks": len(GOLDEN) if golden_check else 0,
     }
-    for name in ("sft_train", "sft_eval"):
+    for name in SFT_SPLITS:
         rows = []
         for rec in clean.get(name, []):
-            row = {"id": rec["id"], **render_sft(tokenizer, rec["messages"], eot_ids, markers)}
+            row = {"id": rec["id"], **render_sft(tokenizer, rec["messages"], eot_ids, markers), **_meta(rec)}
             if not any(row["assistant_masks"]):
                 raise ContractError(f"{name} row {rec['id']}: no assistant tokens in the loss mask")
             rows.append(row)
@@ -318,8 +308,8 @@ def format_data(
             round(float(np.mean([sum(r["assistant_masks"]) for r in rows])), 2) if rows else 0
         )
         report[name]["tokens_total"] = int(sum(lengths))
-    for name in ("dpo_train", "dpo_eval"):
-        rows = [render_dpo(tokenizer, rec, eot) for rec in clean.get(name, [])]
+    for name in DPO_SPLITS:
+        rows = [{**render_dpo(tokenizer, rec, eot), **_meta(rec)} for rec in clean.get(name, [])]
         problems = dpo_prefix_problems(tokenizer, rows) if rows else []
         if problems:
             raise ContractError("DPO tokenization contract violated:\n  " + "\n  ".join(problems))
@@ -355,10 +345,7 @@ def run(params: Params) -> Formatted:
     with tempfile.TemporaryDirectory() as tmp:  # the round trip the training stages will do
         tokenizer.save_pretrained(tmp)
         saved = AutoTokenizer.from_pretrained(tmp)
-    clean = {
-        n: read_jsonl(require(params.paths.clean / f"{n}.jsonl"))
-        for n in ("sft_train", "sft_eval", "dpo_train", "dpo_eval")
-    }
+    clean = {n: read_jsonl(require(params.paths.clean / f"{n}.jsonl")) for n in (*SFT_SPLITS, *DPO_SPLITS)}
     result = format_data(tokenizer, saved, clean, params.model.max_seq_length, params.format.golden_check)
     result.report["template_source"] = template_source
     result.report["eos_token"] = tokenizer.eos_token

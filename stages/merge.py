@@ -44,6 +44,7 @@ from stages.common.engine import (
 from stages.common.io import InputError, require, run_main, write_json
 from stages.common.logprobs import Head, lm_head, scored_logps
 from stages.common.memory import rows_for_tokens
+from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import load_rows
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def merge(cfg: MergeConfig, paths: PathsConfig, quantization: QuantizationConfig
         del adapter
     report["passed"] = report["max_abs_logit_diff"] <= report["tolerance"]
     if report["passed"]:  # a merge that failed its check is never left where `dpo` would pick it up
-        save(model, tokenizer, paths.sft_merged, paths.base, method)
+        save(model, tokenizer, paths.sft_merged, paths.base, method, meta.get("engine"))
     elif paths.sft_merged.exists():
         shutil.rmtree(paths.sft_merged)
     if merged is not None and merged.stored is not None:  # qlora: the 4-bit model SFT trained on, vs the merge
@@ -225,12 +226,14 @@ def merge_and_unload(model: Any) -> Any:
     return model.merge_and_unload()
 
 
-def save(model: Any, tokenizer: Any, out: Path, base: Path, method: str) -> None:
+def save(model: Any, tokenizer: Any, out: Path, base: Path, method: str, engine: str | None = None) -> None:
+    """The merged model, with the engine SFT trained on: `reference` and `dpo` load it on the same one."""
     if out.exists():
         shutil.rmtree(out)
+    set_end_of_turn_eos(model.generation_config, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_meta(out, stage="merge", base=str(base), method=method)
+    write_meta(out, stage="merge", base=str(base), method=method, engine=engine)
 
 
 def qlora_gap(base_id: str, adapter: Path, data: list[Batch], merged: HeldOut,

@@ -1,10 +1,12 @@
 """Supervised fine-tuning on the formatted persona conversations.
 
-DVC stage `sft`: data/formatted/sft_*.jsonl + models/base -> models/sft, reports/sft.json, reports/sft_loss.csv.
+DVC stage `sft`: data/formatted/sft_*.jsonl + models/base -> models/sft, reports/sft.json, dvclive/sft.
 Run: python -m stages.sft
 
 `sft.method`: lora | qlora (NF4 base, double quant) | full | partial (last N blocks + norm + head).
-`sft.engine`: unsloth | transformers | auto. `sft.trainer` goes straight into trl.SFTConfig.
+`sft.engine`: unsloth | transformers | auto. `sft.trainer` goes straight into trl.SFTConfig, except the keys the
+stage sets itself (config validation refuses them); its `report_to` (default [dvclive]) picks the trackers: DVCLive
+writes the step metrics to dvclive/sft (`dvc plots show`, `dvc exp show`).
 Checkpoints live in checkpoints/sft/<run key> (key = input bytes + params); a killed run resumes from
 the last complete one, other data or params never resume, and a finished run removes its checkpoints.
 `train.num_processes > 1` re-runs the stage under `accelerate launch` (DDP); rank 0 writes the outputs.
@@ -21,6 +23,7 @@ from typing import Any
 from stages.common.config import ModelConfig, PathsConfig, SftConfig, load_params
 from stages.common.engine import TrainSpec, base_model_id, device, load_for_training, write_meta
 from stages.common.io import require, run_main, write_json
+from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -28,10 +31,9 @@ from stages.common.training import (
     last_checkpoint,
     load_rows,
     relaunch_distributed,
+    report_to_trackers,
     run_key,
-    summarize,
-    trl_args,
-    write_loss_curve,
+    trl_config,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
     train = Dataset.from_list(load_rows(train_file, columns))
     evaluation = Dataset.from_list(load_rows(eval_file, columns))
 
-    trainer_args = trl_args(cfg.trainer, "sft", spec.gradient_checkpointing)  # fp32 on CPU unless sft.trainer says so
+    trainer_args = dict(cfg.trainer)  # fp32 on CPU unless sft.trainer says otherwise (trl_config)
     if trainer_args.get("packing"):
         ok, why = packing_allowed(model, trainer_args, engine)
         if not ok:
@@ -100,15 +102,12 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
                   {"sft": cfg.model_dump(), "model": model_cfg.model_dump(), "engine": engine,
                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))})  # more processes, other batches
     out_dir = checkpoint_dir(paths.checkpoints, "sft", key)
-    args = TrlSFTConfig(
-        output_dir=str(out_dir),
-        max_length=model_cfg.max_seq_length,
-        report_to=[],
-        use_cpu=device() == "cpu",
-        **trainer_args,
-    )
+    args = trl_config(TrlSFTConfig, "sft.trainer", trainer_args, output_dir=str(out_dir),
+                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu",
+                      gradient_checkpointing=spec.gradient_checkpointing)  # as the engine prepared the model
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer)
+    report_to_trackers(trainer, paths, "sft", key)
     backend = None
     if trainer.args.world_size > 1:
         import torch.distributed as dist
@@ -122,18 +121,18 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
     trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - started
 
-    history = trainer.state.log_history
     if trainer.is_world_process_zero():
         paths.sft.mkdir(parents=True, exist_ok=True)
+        set_end_of_turn_eos(trainer.model.generation_config, tokenizer)  # saved with a whole model
         trainer.model.save_pretrained(paths.sft)  # adapter (lora/qlora) or whole model; never the DDP wrapper
         tokenizer.save_pretrained(paths.sft)
         write_meta(paths.sft, stage="sft", base=str(paths.base), method=cfg.method, engine=engine, run_key=key)
-        write_loss_curve(history, paths.reports / "sft_loss.csv")
     trainer.accelerator.wait_for_everyone()
     finish_run(out_dir)
     tokens = sum(len(ids) for ids in train["input_ids"]) * float(args.num_train_epochs)
-    return {
-        **summarize(history),
+    return {  # the step metrics (loss, eval loss, learning rate, grad norm ...) are DVCLive's, in dvclive/sft
+        "steps": trainer.state.global_step,
+        "best_metric": trainer.state.best_metric,  # of args.metric_for_best_model (eval_loss); null without one
         "method": cfg.method,
         "engine": engine,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,

@@ -1,11 +1,15 @@
 """Normalise every dataset format, drop malformed and duplicate rows with reasons, split without leaks.
 
-DVC stage `validate`: data/raw + data.sources -> data/clean.  Run: python -m stages.validate
+DVC stage `validate`: data/raw + data.sources + data/base_corpus -> data/clean.  Run: python -m stages.validate
 
-Every row that does not reach data/clean/{sft,dpo}_{train,eval}.jsonl is in data/clean/rejects.jsonl
-with its source file, line and reason. Near-duplicates are found with MinHash LSH over word
-shingles and confirmed by exact Jaccard; the seeded split keeps near-duplicate prompt clusters (SFT
-and DPO together) on one side, so no eval prompt has a near-duplicate in train.
+Every row that does not reach data/clean/{sft,dpo}_{train,eval,heldout}.jsonl is in
+data/clean/rejects.jsonl with its source file, line and reason. Near-duplicates are found with
+MinHash LSH over word shingles and confirmed by exact Jaccard. Rows whose metadata says held out
+(stages/common/splits.py) go to `heldout`, files pinned with `data.sources[].split` where they say;
+the seeded random split of the rest keeps near-duplicate prompt clusters (SFT and DPO together) on
+one side, so no eval prompt has a near-duplicate in train. Then the contamination report: the
+longest token n-gram each eval/heldout row shares with any training text, pretraining included;
+above validate.max_contamination the stage fails naming the rows.
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ import logging
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.common.config import DataSource, Params, ValidateConfig, load_params
+import numpy as np
+import pandas as pd
+
+from stages.common import offline
+from stages.common.config import DataSource, HeldoutConfig, Params, ValidateConfig, load_params
+from stages.common.contamination import longest_shared
 from stages.common.dedup import UnionFind, near_duplicate_pairs, semantic_duplicate_pairs, text_hash
-from stages.common.io import InputError, run_main, write_json, write_jsonl
+from stages.common.io import InputError, iter_jsonl, run_main, write_json, write_jsonl
+from stages.common.persona import system_prompt
 from stages.common.readers import (
     REQUIRED_KEYS,
     Kind,
@@ -32,28 +42,40 @@ from stages.common.readers import (
     read_source,
     to_conversation,
     to_preference,
+    with_default_system,
 )
+from stages.common.splits import SPLITS, row_split
+from stages.common.tables import markdown_table
 from stages.common.templates import TEMPLATES, load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 TokenCounter = Callable[[list[list[Message]]], list[int]]
+Tokenize = Callable[[list[str]], list[list[int]]]
+OUTPUTS = tuple(f"{kind}_{split}" for kind in ("sft", "dpo") for split in SPLITS)
 
 
 class RejectShareError(InputError):
     """More rows were rejected than validate.max_reject_share allows."""
 
 
+class ContaminationError(InputError):
+    """More evaluation rows share a long n-gram with training data than validate.max_contamination allows."""
+
+
 @dataclass
 class ValidationResult:
     sft_train: list[Record]
     sft_eval: list[Record]
+    sft_heldout: list[Record]
     dpo_train: list[Record]
     dpo_eval: list[Record]
+    dpo_heldout: list[Record]
     rejects: list[Record]
     report: dict[str, Any]
     examples: dict[str, list[Record]] = field(default_factory=dict)
+    contamination: list[Record] = field(default_factory=list)  # one row per eval/heldout record
 
     @property
     def reject_share(self) -> float:
@@ -184,11 +206,13 @@ def _record(row: RawRow, used_ids: set[str]) -> Record:
     if rid in used_ids:
         rid = f"{Path(row.source).stem}-{row.line}:{rid}"
     source = obj.get("source") if isinstance(obj.get("source"), str) else row.source
+    meta = {"meta": obj["meta"]} if isinstance(obj.get("meta"), dict) else {}  # subtopic, grammar frames
     if row.kind == "sft":
-        messages = to_conversation(obj, row.format)
-        return {"id": rid, "messages": messages, "source": source}
+        messages = with_default_system(to_conversation(obj, row.format), row.system_prompt)
+        return {"id": rid, "messages": messages, "source": source, **meta}
     prompt, chosen, rejected = to_preference(obj)
-    return {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}
+    prompt = with_default_system(prompt, row.system_prompt)
+    return {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source, **meta}
 
 
 def _check(record: Record, kind: Kind, cfg: ValidateConfig, patterns: Patterns) -> None:
@@ -239,8 +263,17 @@ def validate(
     count_tokens: TokenCounter,
     controls: Iterable[str] = (),
     formats: dict[str, str] | None = None,
+    heldout: HeldoutConfig | None = None,
+    pins: dict[str, str] | None = None,
+    tokenizer: Any = None,
+    pretraining: Sequence[tuple[str, str]] = (),
 ) -> ValidationResult:
-    """Pure: raw rows in, clean split records + rejects with reasons + report out."""
+    """Pure: raw rows in, clean split records + rejects with reasons + report out.
+
+    Split: a file pinned in `pins` (source -> train | eval | heldout) goes there; a row whose metadata
+    says held out (splits.row_split) goes to heldout; the rest take the seeded random train/eval split.
+    With a tokenizer, every eval/heldout row gets its longest shared token n-gram with the training rows
+    and `pretraining` ((source, text) of the base's corpus): the contamination report."""
     patterns = Patterns.build(controls, cfg)
     rows = list(rows)
     seen: Counter[str] = Counter(r.source for r in rows)
@@ -345,10 +378,15 @@ def validate(
     ]
     if cfg.semantic_dedup and len(prompts) > 1:
         edges += [(i, j) for i, j, _ in semantic_duplicate_pairs(prompts, cfg.semantic_threshold)]
-    is_eval = _split(kept, edges, cfg.eval_fraction, cfg.seed)
     uf = UnionFind(len(kept))
     for i, j in edges:
         uf.union(i, j)
+    split = _fixed_splits(kept, uf, heldout or HeldoutConfig(), pins or {})
+    auto = [i for i, sp in enumerate(split) if sp is None]
+    index = {i: k for k, i in enumerate(auto)}
+    auto_edges = [(index[i], index[j]) for i, j in edges if i in index and j in index]
+    for i, ev in zip(auto, _split([kept[i] for i in auto], auto_edges, cfg.eval_fraction, cfg.seed), strict=True):
+        split[i] = "eval" if ev else "train"
     members: dict[int, set[str]] = defaultdict(set)
     sizes: Counter[int] = Counter()
     for i, it in enumerate(kept):
@@ -357,16 +395,108 @@ def validate(
     dup_stats["prompt_clusters"] = sum(1 for c in sizes.values() if c > 1)
     dup_stats["cross_clusters"] = sum(1 for k in members.values() if len(k) == 2)
 
-    out: dict[str, list[Record]] = {"sft_train": [], "sft_eval": [], "dpo_train": [], "dpo_eval": []}
-    for it, ev in zip(kept, is_eval, strict=True):
-        out[f"{it.kind}_{'eval' if ev else 'train'}"].append(it.record)
+    out: dict[str, list[Record]] = {name: [] for name in OUTPUTS}
+    for it, sp in zip(kept, split, strict=True):
+        out[f"{it.kind}_{sp}"].append(it.record)
 
+    contamination, rows_report = (
+        contamination_report(out, pretraining, tokenizer, cfg.contamination_ngram) if tokenizer is not None
+        else ({}, [])
+    )
     report = _report(seen, kept, rejects, dup_stats, out, formats or {})
+    if contamination:
+        report["contamination"] = contamination
     examples: dict[str, list[Record]] = defaultdict(list)
     for r in rejects:
         if len(examples[r["reason"]]) < cfg.report_examples:
             examples[r["reason"]].append(r)
-    return ValidationResult(**out, rejects=rejects, report=report, examples=dict(examples))
+    return ValidationResult(**out, rejects=rejects, report=report, examples=dict(examples),
+                            contamination=rows_report)
+
+
+def _fixed_splits(kept: list[_Item], uf: UnionFind, heldout: HeldoutConfig, pins: dict[str, str]) -> list[str | None]:
+    """Pinned files and held-out metadata decide first; an unpinned row whose prompt is a near-duplicate of
+    a pinned eval/heldout row's follows it there (heldout before eval), so a cluster never reaches train."""
+    split: list[str | None] = []
+    for it in kept:
+        pin = pins.get(it.row.source, "auto")
+        split.append(pin if pin != "auto" else row_split(it.record.get("meta"), heldout))
+    pinned = {it.row.source for it in kept if pins.get(it.row.source, "auto") != "auto"}
+    cluster_split: dict[int, str] = {}
+    for i, sp in enumerate(split):
+        if sp in ("eval", "heldout"):
+            root = uf.find(i)
+            cluster_split[root] = "heldout" if "heldout" in (sp, cluster_split.get(root)) else sp
+    for i, it in enumerate(kept):
+        if split[i] is None and it.row.source not in pinned and uf.find(i) in cluster_split:
+            split[i] = cluster_split[uf.find(i)]
+    return split
+
+
+def _segments(record: Record) -> list[str]:
+    """A record's texts for the contamination search: every message content except system prompts."""
+    msgs = record["messages"] if "messages" in record else record["prompt"]
+    texts = [m["content"] for m in msgs if m["role"] != "system"]
+    return texts + ([record["chosen"], record["rejected"]] if "chosen" in record else [])
+
+
+def contamination_report(
+    out: dict[str, list[Record]], pretraining: Sequence[tuple[str, str]], tokenizer: Any, ngram: int,
+) -> tuple[dict[str, Any], list[Record]]:
+    """Longest token n-gram each eval/heldout row shares with any training text: SFT and DPO train rows
+    (generated and user files) and the base's pretraining corpus. System prompts are left out (every row
+    shares them) and contents are tokenized one message at a time, so chat-template tokens never count."""
+    backend = tokenizer.backend_tokenizer
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)] if texts else []
+
+    train_labels: list[str] = []
+    train_ids: list[str] = []
+    train_texts: list[str] = []
+    for name in ("sft_train", "dpo_train"):
+        for rec in out[name]:
+            for text in _segments(rec):
+                train_labels.append(str(rec.get("source", name)))
+                train_ids.append(str(rec["id"]))
+                train_texts.append(text)
+    for label, text in pretraining:
+        train_labels.append(label)
+        train_ids.append("")
+        train_texts.append(text)
+    train = encode(train_texts)
+    evaluated = [(name.split("_", 1)[1], rec) for name in OUTPUTS if not name.endswith("_train") for rec in out[name]]
+    eval_segments: list[list[int]] = []
+    owner: list[int] = []
+    for k, (_, rec) in enumerate(evaluated):
+        for seg in encode(_segments(rec)):
+            eval_segments.append(seg)
+            owner.append(k)
+    matches = longest_shared(eval_segments, owner, train, len(evaluated))
+    rows: list[Record] = []
+    for (split, rec), m in zip(evaluated, matches, strict=True):
+        span = eval_segments[m.segment][m.offset : m.offset + m.longest] if m.longest else []
+        rows.append({
+            "id": rec["id"], "split": split, "kind": "sft" if "messages" in rec else "dpo",
+            "source": rec.get("source", ""), "longest": m.longest, "flagged": m.longest >= ngram,
+            "matched_source": train_labels[m.train_segment] if m.longest else None,
+            "matched_id": train_ids[m.train_segment] if m.longest else None,
+            "span": tokenizer.decode(span) if m.longest else None,
+        })
+    summary: dict[str, Any] = {"ngram": ngram, "excluded": "system prompts; chat-template tokens",
+                               "training_segments": dict(sorted(Counter(train_labels).items())),
+                               "training_tokens": int(sum(map(len, train))), "splits": {}}
+    for split in ("eval", "heldout"):
+        mine = [r for r in rows if r["split"] == split]
+        flagged = [r for r in mine if r["flagged"]]
+        summary["splits"][split] = {
+            "rows": len(mine), "flagged": len(flagged),
+            "flagged_share": round(len(flagged) / len(mine), 6) if mine else 0.0,
+            "longest_max": max((r["longest"] for r in mine), default=0),
+            "longest_mean": round(float(np.mean([r["longest"] for r in mine])), 3) if mine else 0.0,
+            "flagged_by_source": dict(sorted(Counter(r["matched_source"] for r in flagged).items())),
+        }
+    return summary, rows
 
 
 def _report(
@@ -403,6 +533,25 @@ def _report(
     }
 
 
+def check_contamination(result: ValidationResult, cfg: ValidateConfig) -> None:
+    """Fail, naming rows, when a split's flagged share exceeds validate.max_contamination for it."""
+    summary = result.report.get("contamination", {}).get("splits", {})
+    problems = []
+    for split, stats in summary.items():
+        limit = getattr(cfg.max_contamination, split)
+        if limit is None or stats["flagged_share"] <= limit:
+            continue
+        flagged = [r for r in result.contamination if r["split"] == split and r["flagged"]]
+        named = "; ".join(f"{r['id']} ({r['longest']} tokens shared with {r['matched_source']}: {r['span']!r})"
+                          for r in flagged[:5])
+        problems.append(f"{stats['flagged']} of {stats['rows']} {split} rows ({stats['flagged_share']:.1%} > "
+                        f"max_contamination.{split} {limit:.1%}) share a {cfg.contamination_ngram}-gram or longer "
+                        f"with training data: {named}{' ...' if len(flagged) > 5 else ''}")
+    if problems:
+        raise ContaminationError("validate: " + "\n  ".join(problems) +
+                                 "\nSee data/clean/contamination.jsonl and reports/validation.md")
+
+
 def check_reject_share(result: ValidationResult, cfg: ValidateConfig) -> None:
     """Fail (naming the top reasons) when more rows were rejected than validate.max_reject_share."""
     if result.reject_share > cfg.max_reject_share:
@@ -432,19 +581,39 @@ def _summary(row: Any, width: int = 240) -> str:
 
 def render_markdown(result: ValidationResult) -> str:
     rep = result.report
+    sources = [
+        {"source": s, "format": v["format"], "system prompt": v.get("system_prompt", ""), "seen": v["seen"],
+         "kept": v["kept"], "rejected": v["rejected"]}
+        for s, v in rep["sources"].items()
+    ]
+    # rejects by source (rows) and reason (columns)
+    reasons = pd.DataFrame.from_dict({s: v["reasons"] for s, v in rep["sources"].items() if v["reasons"]},
+                                     orient="index").fillna(0).astype(int)
     lines = [
         "# Validation report",
         "",
         f"Seen {rep['seen']}, kept {rep['kept']}, rejected {rep['rejected']} ({rep['reject_share']:.1%}).",
         "",
-        "| source | format | seen | kept | rejected |",
-        "|---|---|---:|---:|---:|",
+        markdown_table(sources),
+        "",
+        markdown_table([{"split": k, "rows": v} for k, v in rep["split"].items()]),
     ]
-    lines += [
-        f"| {s} | {v['format']} | {v['seen']} | {v['kept']} | {v['rejected']} |"
-        for s, v in rep["sources"].items()
-    ]
-    lines += ["", "| split | rows |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rep["split"].items()]
+    if not reasons.empty:
+        lines += ["", markdown_table(reasons.sort_index(axis=1).rename_axis("rejected from").reset_index())]
+    if "contamination" in rep:
+        c = rep["contamination"]
+        lines += ["", "## Contamination", "",
+                  f"Longest token n-gram each evaluation row shares with any training text ({c['training_tokens']} "
+                  f"tokens: SFT/DPO train rows and the base's pretraining corpus; {c['excluded']} excluded). "
+                  f"A shared {c['ngram']}-gram flags the row; every row is in data/clean/contamination.jsonl.", "",
+                  markdown_table([{"split": k, "rows": v["rows"], "flagged": v["flagged"],
+                                   "flagged share": f"{v['flagged_share']:.1%}", "longest (max)": v["longest_max"],
+                                   "longest (mean)": f"{v['longest_mean']:.1f}"} for k, v in c["splits"].items()])]
+        flagged = [r for r in result.contamination if r["flagged"]][: max(1, 2 * len(c["splits"]))]
+        if flagged:
+            lines += ["", "Flagged, for example:", ""]
+            lines += [f"- `{r['split']}` {r['id']}: {r['longest']} tokens shared with `{r['matched_source']}`: "
+                      f"`{_summary(r['span'], 160)}`" for r in flagged]
     lines += ["", "## Rejects by reason", ""]
     for reason, n in sorted(rep["reasons"].items(), key=lambda kv: -kv[1]):
         lines += [f"### {reason} ({n})", ""]
@@ -500,13 +669,35 @@ def token_counter(tokenizer: Any, limit: int | None = None) -> TokenCounter:
     return count
 
 
+
+
+def pretraining_texts(path: Path) -> list[tuple[str, str]]:
+    """(source, text) of every non-system message and document the base was pretrained on; none if no file
+    (a real base: its pretraining data is not ours to check)."""
+    if not path.exists():
+        return []
+    out = []
+    for line, row in iter_jsonl(path):
+        texts = [m.get("content", "") for m in row.get("messages", []) if m.get("role") != "system"]
+        texts += [row["text"]] if isinstance(row.get("text"), str) else []
+        out += [(str(path), t) for t in texts if isinstance(t, str) and t]
+        if not texts:
+            raise InputError(f"{path}:{line}: a pretraining row with neither messages nor text")
+    return out
+
+
 def sources(params: Params) -> list[DataSource]:
     raw = params.paths.raw
-    generated = [
-        DataSource(path=raw / "sft.jsonl", kind="sft", format="openai"),
-        DataSource(path=raw / "dpo.jsonl", kind="dpo", format="preference"),
+    generated = [  # generated rows carry the persona's system turn already
+        DataSource(path=raw / "sft.jsonl", kind="sft", format="openai", system_prompt="none"),
+        DataSource(path=raw / "dpo.jsonl", kind="dpo", format="preference", system_prompt="none"),
     ]
     return [s for s in generated if s.path.exists()] + list(params.data.sources)
+
+
+def source_system_prompt(src: DataSource, params: Params) -> str | None:
+    """data.sources[].system_prompt resolved: persona -> the persona's system prompt, none -> None, else the text."""
+    return {"persona": system_prompt(params.generate), "none": None}.get(src.system_prompt, src.system_prompt)
 
 
 def run(params: Params) -> ValidationResult:
@@ -519,9 +710,11 @@ def run(params: Params) -> ValidationResult:
         raise InputError(
             f"{params.paths.raw}/sft.jsonl: no input data (run `dvc repro generate` or set data.sources)"
         )
+    pins: dict[str, str] = {}
     for src in srcs:
-        fmt, part = read_source(src.path, src.kind, src.format)
+        fmt, part = read_source(src.path, src.kind, src.format, source_system_prompt(src, params))
         formats[str(src.path)] = fmt
+        pins[str(src.path)] = src.split
         rows += part
     tokenizer, _ = load_base_tokenizer(params.paths.base, params.model.chat_template)
     result = validate(
@@ -530,9 +723,15 @@ def run(params: Params) -> ValidationResult:
         token_counter(tokenizer, cfg.max_tokens),
         control_strings(tokenizer, cfg.extra_control_strings),
         formats,
+        params.heldout,
+        pins,
+        tokenizer,
+        pretraining_texts(params.paths.base_corpus / offline.CORPUS_FILE),
     )
+    for src in srcs:  # the report names each file's system-prompt choice
+        result.report["sources"][str(src.path)]["system_prompt"] = src.system_prompt
     clean = params.paths.clean
-    for name in ("sft_train", "sft_eval", "dpo_train", "dpo_eval", "rejects"):
+    for name in (*OUTPUTS, "rejects", "contamination"):
         write_jsonl(clean / f"{name}.jsonl", getattr(result, name))
     write_json(params.paths.reports / "validation.json", result.report)
     (params.paths.reports / "validation.md").write_text(render_markdown(result))
@@ -544,6 +743,7 @@ def run(params: Params) -> ValidationResult:
         result.report["split"],
     )
     check_reject_share(result, cfg)
+    check_contamination(result, cfg)
     return result
 
 

@@ -13,6 +13,13 @@ prove that nothing was paid for twice.
 Fault kinds: 429 (with retry-after), 529, 500, drop (connection closed, no answer), slow (answer after
 `slow_s`, past the client timeout), malformed (tool input that breaks the schema), max_tokens (truncated),
 refusal, 401, spend (a 429 spend-limit that waiting will not clear), batch_errored, batch_expired.
+`reject_param(name)` makes every request carrying that parameter a 400 invalid_request_error, as a model
+that does not accept it answers (online; in a batch, an errored item).
+
+Prompt caching as the API does it: the prefix (tools, then the system blocks up to the one with
+cache_control) is cached per model only when it reaches that model's minimum (MIN_CACHE_TOKENS, from the
+providers' tables); a shorter prefix is processed at full price with zero cache tokens in `usage`. Tokens
+are counted as characters / 4, the same in `usage` and in POST /v1/messages/count_tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ TEST_KEY = "sk-ant-test-" + secrets.token_hex(12)  # made at run time: no file h
 HTTP_FAULTS = {"429", "529", "500", "drop", "slow", "401", "spend"}
 CONTENT_FAULTS = {"malformed", "max_tokens", "refusal"}
 BATCH_FAULTS = {"batch_errored", "batch_expired"}
+# the API's caching minimum per model (FIELD_NOTES: providers' published tables, 2026); unlisted models: 1,024
+MIN_CACHE_TOKENS = {"claude-sonnet-4-5": 1024, "claude-sonnet-4-6": 2048, "claude-haiku-4-5": 4096,
+                    "claude-opus-4-5": 4096, "claude-opus-4-6": 4096}
 WORDS = ("leverage", "constraint", "incentive", "trade-off", "signal", "cost", "option", "risk", "timing",
          "evidence", "position", "margin", "priority", "commitment", "exit")
 
@@ -64,6 +74,21 @@ def _topic(body: dict[str, Any]) -> str:
     words = [w.strip(".,;:?!\"'()") for w in text.split()]
     words = [w for w in words if len(w) > 3][:6]
     return " ".join(words) or "the problem"
+
+
+def _tokens(obj: Any) -> int:
+    return len(obj if isinstance(obj, str) else json.dumps(obj)) // 4
+
+
+def prompt_tokens(body: dict[str, Any]) -> tuple[int, int | None]:
+    """(all input tokens, tokens of the cacheable prefix or None without a cache_control breakpoint)."""
+    system = body.get("system") or []
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+    tools = _tokens(body["tools"]) if body.get("tools") else 0
+    marked = [i for i, b in enumerate(blocks) if "cache_control" in b]
+    prefix = tools + sum(_tokens(b.get("text", "")) for b in blocks[: marked[-1] + 1]) if marked else None
+    total = tools + sum(_tokens(b.get("text", "")) for b in blocks) + _tokens(body.get("messages")) + 20
+    return total, prefix
 
 
 def _fake(schema: dict[str, Any], seed: str, name: str, topic: str) -> Any:
@@ -115,6 +140,8 @@ class ClaudeServer:
         self.paid: Counter = Counter()  # request-body digest -> answers delivered (online + batch)
         self.api_keys: set[str] = set()
         self.cached_prefixes: set[str] = set()
+        self.rejected_params: dict[str, str] = {}  # parameter -> the 400's message
+        self.count_calls = 0  # POST /v1/messages/count_tokens
         self.batches: dict[str, dict[str, Any]] = {}
         self.batch_creates = 0
         self.batch_retrieves = 0
@@ -152,6 +179,13 @@ class ClaudeServer:
             raise ValueError(f"unknown fault {kind!r}")
         with self.lock:
             self.faults.append(Fault(kind, times, after, match))
+
+    def reject_param(self, name: str, message: str | None = None) -> None:
+        """Answer 400 invalid_request_error to every request that carries `name` (as newer models do)."""
+        self.rejected_params[name] = message or f"`{name}` is deprecated for this model. Omit it to use the default."
+
+    def rejection(self, body: dict[str, Any]) -> str | None:
+        return next((msg for name, msg in self.rejected_params.items() if name in body), None)
 
     def clear(self) -> None:
         with self.lock:
@@ -204,11 +238,11 @@ class ClaudeServer:
         elif fault == "refusal":
             content = [{"type": "text", "text": "I can't help with that request."}]
             stop = "refusal"
-        system = body.get("system")
+        total, size = prompt_tokens(body)
         cached_tokens = write_tokens = 0
-        if isinstance(system, list) and any("cache_control" in b for b in system):
-            prefix = _digest(system)
-            size = sum(len(b.get("text", "")) for b in system) // 4
+        model = body.get("model") or ""
+        if size is not None and size >= MIN_CACHE_TOKENS.get(model, 1024):
+            prefix = _digest([model, body.get("tools"), body.get("system")])
             with self.lock:
                 if prefix in self.cached_prefixes:
                     cached_tokens = size
@@ -216,9 +250,9 @@ class ClaudeServer:
                     self.cached_prefixes.add(prefix)
                     write_tokens = size
         return {
-            "id": f"msg_{seed[:24]}", "type": "message", "role": "assistant", "model": body.get("model"),
+            "id": f"msg_{seed[:24]}", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop, "stop_sequence": None,
-            "usage": {"input_tokens": len(json.dumps(body.get("messages"))) // 4 + 20,
+            "usage": {"input_tokens": total - cached_tokens - write_tokens,
                       "output_tokens": len(json.dumps(content)) // 4,
                       "cache_creation_input_tokens": write_tokens, "cache_read_input_tokens": cached_tokens},
         }
@@ -230,7 +264,10 @@ class ClaudeServer:
         for item in batch["requests"]:
             text = json.dumps(item["params"])
             fault = self.take_fault(text, BATCH_FAULTS | CONTENT_FAULTS)
-            if fault == "batch_errored":
+            if (rejected := self.rejection(item["params"])) is not None:
+                result = {"type": "errored", "error": {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": rejected}}}
+            elif fault == "batch_errored":
                 result = {"type": "errored", "error": {"type": "error", "error": {
                     "type": "api_error", "message": "Internal server error"}}}
             elif fault == "batch_expired" or batch["canceled"]:
@@ -306,6 +343,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/v1/messages":
             self._messages(text, body)
+        elif path == "/v1/messages/count_tokens":
+            with self.owner.lock:
+                self.owner.count_calls += 1
+            self._send(200, {"input_tokens": prompt_tokens(body)[0]})
         elif path == "/v1/messages/batches":
             self._create_batch(body)
         elif path.startswith("/v1/messages/batches/") and path.endswith("/cancel"):
@@ -348,7 +389,10 @@ class _Handler(BaseHTTPRequestHandler):
         if owner.latency:
             time.sleep(owner.latency)
         status = 200
-        if fault == "429":
+        if (rejected := owner.rejection(body)) is not None:
+            status = 400
+            self._error(400, "invalid_request_error", rejected)
+        elif fault == "429":
             status = 429
             self._error(429, "rate_limit_error", "Number of requests has exceeded your rate limit",
                         {"retry-after-ms": str(owner.retry_after_ms), "retry-after": "1"})

@@ -28,3 +28,13 @@ def claude_server(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
         monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
         yield server
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """tests/export_workspace.py built and exported once (models/final with f16 and q8_0 GGUFs)."""
+    from tests.export_workspace import build, exported
+
+    root = build(tmp_path_factory.mktemp("export"))
+    exported(root)
+    return root

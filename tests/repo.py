@@ -22,24 +22,32 @@ REDUCED: dict[str, Any] = {
     "generate": {"sft_count": 120, "dpo_count": 40},
     "validate": {"eval_fraction": 0.2},
     "sft": {"trainer": {"num_train_epochs": 2, "eval_steps": 10, "save_steps": 10, "logging_steps": 2}},
-    "dpo": {"trainer": {"num_train_epochs": 1, "gradient_accumulation_steps": 4, "eval_steps": 5,
-                        "save_steps": 5, "logging_steps": 1}},
+    "dpo": {"trainer": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                        "eval_steps": 5, "save_steps": 5, "logging_steps": 1}},
     "evaluate": {"max_pairs": 8, "max_sft_examples": 16, "samples": 2, "style_prompts": 4,
-                 "max_new_tokens": 24},
+                 "max_new_tokens": 24,
+                 # a few optimizer steps on ~100 rows: the margin ordering shows, the generation gates
+                 # (4 answers of 24 tokens) would be noise
+                 "gates": {"style_above_base": False, "dpo_max_style_drop": None, "mention_at_least_base": False,
+                           "dpo_max_repetition_rise": None, "base_margin_below_zero": False}},
+    "export": {"samples": 2, "max_new_tokens": 24},
 }
+NO_GATES: dict[str, Any] = {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
+                            "base_margin_below_zero": False, "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None,
+                            "min_dpo_accuracy": None, "style_above_base": False, "dpo_max_style_drop": None,
+                            "mention_at_least_base": False, "dpo_max_repetition_rise": None}
 
 
 # Smaller still, for tests that prove where bytes and runs go rather than what training achieves:
 # a couple of optimizer steps per stage and no quality gates.
 MINIMAL: dict[str, Any] = deep_merge(REDUCED, {
-    "base": {"corpus_size": 100, "epochs": 1},
+    "base": {"corpus_size": 100, "documents": 10, "epochs": 1},
     "generate": {"sft_count": 40, "dpo_count": 16},
     "sft": {"trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
     "dpo": {"beta": 0.1, "trainer": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}},
+    "export": {"samples": 1, "max_new_tokens": 8, "gguf": ["q8_0"]},
     "evaluate": {"max_pairs": 4, "max_sft_examples": 4, "samples": 1, "style_prompts": 0,
-                 "embedding": "tfidf", "max_new_tokens": 8,
-                 "gates": {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
-                           "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None, "min_dpo_accuracy": None}},
+                 "embedding": "tfidf", "max_new_tokens": 8, "gates": NO_GATES},
 })
 
 
@@ -75,10 +83,14 @@ def set_params(repo: Path, overrides: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
 
 
+# Files `make install` builds into the checkout (git-ignored), which a copy of the project needs as well
+INSTALLED = [".dvc/plots/offline.html"]
+
+
 def make_repo(dest: Path, overrides: dict[str, Any] | None = REDUCED) -> Path:
     """Copy the project's files (not tests, not outputs) into dest as a fresh git repo with one commit."""
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in tracked_files():
+    for rel in tracked_files() + [f for f in INSTALLED if (ROOT / f).is_file()]:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((ROOT / rel).read_bytes())
@@ -95,3 +107,28 @@ def make_repo(dest: Path, overrides: dict[str, Any] | None = REDUCED) -> Path:
 def stages_run(output: str) -> list[str]:
     """Names of the stages a `dvc repro` log says it ran."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def fake_outputs(repo: Path) -> None:
+    """Placeholder files for every declared output (and the files stages read inside them), so `dvc commit` can
+    record a finished pipeline without running it: for tests of what DVC reruns."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths = yaml.safe_load((repo / "params.yaml").read_text())["paths"]
+
+    def resolve(name: str) -> str:
+        for key, value in paths.items():
+            name = name.replace("${paths." + key + "}", str(value))
+        return name
+
+    outs = [resolve(next(iter(o)) if isinstance(o, dict) else o) for stage in spec["stages"].values()
+            for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    inside = [resolve(d) for stage in spec["stages"].values() for d in stage.get("deps", [])
+              if any(resolve(d).startswith(out + "/") for out in outs)]
+    for name in outs + inside:
+        target = repo / name
+        if Path(name).suffix:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}\n")
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "placeholder").write_text("x\n")

@@ -25,7 +25,7 @@ from tests.repo import MINIMAL, dvc, make_repo, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
-ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate"]
+ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export"]
 EXP = "beta-half"  # member B's experiment: dpo.beta 0.1 -> 0.5
 
 TEAM = MINIMAL
@@ -140,8 +140,8 @@ def test_b_gets_every_output_and_reruns_nothing(team, pulled):
     assert needed <= set(outputs(a))
 
 
-def test_experiment_reruns_only_dpo_and_evaluate(experiment):
-    assert sorted(experiment["ran"]) == ["dpo", "evaluate"]
+def test_experiment_reruns_only_dpo_evaluate_and_export(experiment):
+    assert sorted(experiment["ran"]) == ["dpo", "evaluate", "export"]
 
 
 def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
@@ -154,7 +154,7 @@ def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
     assert EXP in exps, shown
     data = exps[EXP]["data"]
     assert data["params"]["params.yaml"]["data"]["dpo"]["beta"] == 0.5
-    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["dpo"]
+    assert "reward_margin" in data["metrics"]["reports/eval.json"]["data"]["eval"]["dpo"]
     table = dvc("exp", "show", "--csv", cwd=a).stdout
     assert EXP in table and "dpo.reward_margin" in table.splitlines()[0]
 
@@ -165,7 +165,7 @@ def test_a_pulls_b_experiment_then_returns_via_the_run_cache(team, experiment):
     shutil.rmtree(a / "checkpoints", ignore_errors=True)  # training would recreate it
     out = dvc("repro", cwd=a).stdout
     assert stages_run(out) == [], out
-    for stage in ("dpo", "evaluate"):
+    for stage in ("dpo", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
     assert not (a / "checkpoints").exists()
     assert (a / "reports/eval.json").read_bytes() == original

@@ -9,6 +9,7 @@ test process.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -49,15 +50,18 @@ TINY_PARAMS: dict[str, Any] = {
 def conversations(n: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """n SFT conversations and n DPO pairs in the clean-data schema (persona answers vs generic ones)."""
     from stages.common import offline
+    from stages.common.config import HeldoutConfig
 
-    questions = offline.question_grid(["strategy and competition", "life advice"], seed=seed)[:n]
+    cfg = HeldoutConfig()
+    persona, generic = offline.builtin_persona(), offline.generic_register()
+    questions = offline.questions(["strategy and competition", "life advice"], n, seed, cfg)
     sft = [{"id": f"s{i}", "source": "test", "messages": [
         *([{"role": "system", "content": "Be brief."}] if i % 2 else []),
         {"role": "user", "content": q.text},
-        {"role": "assistant", "content": offline.persona_answer(q, seed)},
+        {"role": "assistant", "content": offline.answer(persona, q, seed, cfg)[0]},
     ]} for i, q in enumerate(questions)]
     dpo = [{"id": f"d{i}", "source": "test", "prompt": [{"role": "user", "content": q.text}],
-            "chosen": offline.persona_answer(q, seed), "rejected": offline.generic_answer(q, seed)}
+            "chosen": offline.answer(persona, q, seed, cfg)[0], "rejected": offline.answer(generic, q, seed, cfg)[0]}
            for i, q in enumerate(questions)]
     return sft, dpo
 
@@ -71,13 +75,15 @@ def build_tiny(dest: Path, train_rows: int = 24, eval_rows: int = 8) -> Path:
 
     from stages import base, format
     from stages.common import offline
+    from stages.common.config import HeldoutConfig
     from stages.common.io import write_jsonl
     from stages.common.templates import LLAMA3
 
     torch.manual_seed(0)
     sft_rows, dpo_rows = conversations(train_rows + eval_rows, seed=1)
     texts = [m["content"] for r in sft_rows for m in r["messages"]] + [r["rejected"] for r in dpo_rows]
-    texts += offline.persona_text_sample(50, seed=0)
+    texts += [r.text for r in offline.base_corpus(150, 0, HeldoutConfig(), offline.builtin_persona())
+              if r.kind == "document"]
     tokenizer = base.build_tokenizer(texts, TINY_BASE.vocab_size, LLAMA3)
     tokenizer.model_max_length = MAX_SEQ_LENGTH
     model = base.build_model(TINY_BASE, tokenizer, MAX_SEQ_LENGTH)
@@ -131,6 +137,12 @@ def run_stage(module: str, cwd: Path, check: bool = True, timeout: float = 600,
     if check and result.returncode != 0:
         raise AssertionError(f"python -m {module} failed ({result.returncode}):\n{result.stdout[-6000:]}")
     return result
+
+
+def curve(live: Path, metric: str) -> dict[int, float]:
+    """step -> value of one DVCLive metric (e.g. train/loss) a stage logged into its folder (paths.dvclive/<stage>)."""
+    with (live / "plots" / "metrics" / f"{metric}.tsv").open() as fh:
+        return {int(r["step"]): float(r[metric.rsplit("/", 1)[-1]]) for r in csv.DictReader(fh, delimiter="\t")}
 
 
 def run_python(code: str, cwd: Path, timeout: float = 300) -> str:

@@ -72,7 +72,7 @@ def build(root: Path, seed: int = 1) -> Path:
 PATHS = {"base_corpus": "data/base_corpus", "base": "models/base", "raw": "data/raw", "clean": "data/clean",
          "formatted": "data/formatted", "sft": "models/sft", "sft_merged": "models/sft-merged",
          "reference_logps": "data/reference_logps", "dpo": "models/dpo", "checkpoints": "checkpoints", "reports": "reports",
-         "cache": "cache"}
+         "cache": "cache", "dvclive": "dvclive", "tensorboard": "runs"}
 
 
 def params(root: Path, **sections: Any) -> Params:

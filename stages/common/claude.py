@@ -7,6 +7,11 @@ what was never answered. `mode: online` runs AsyncAnthropic with bounded concurr
 requests/min and tokens/min limits; `mode: batch` uses the Message Batches API and persists batch ids
 at once (`<cache_dir>/claude/batches.jsonl`) so a rerun resumes polling instead of resubmitting.
 
+Prompt caching is reported as the API does it: each distinct prefix (tools + system) is sized once with
+the free count_tokens endpoint, cache reads and writes come only from each answer's `usage`, and
+`report()["prompt_cache"]` says per template whether the prefix reached the model's caching minimum
+(CACHE_MIN_TOKENS). A 400 that names a request parameter (a `temperature` the model rejects) stops the run.
+
 The API key is read by the SDK from ANTHROPIC_API_KEY (never passed, stored or logged here);
 ANTHROPIC_BASE_URL points the client at any server speaking the Messages API.
 
@@ -43,7 +48,21 @@ from stages.common.io import InputError
 log = logging.getLogger(__name__)
 
 CACHE_SUBDIR = "claude"
+# The smallest prefix (tools, then system, up to the cache breakpoint) the API caches, per model; a shorter
+# prefix is processed at full price, silently. Published tables, 2026 (see FIELD_NOTES); dated ids such as
+# claude-sonnet-4-5-20250929 match their family; any other model is "unknown".
+CACHE_MIN_TOKENS = {
+    "claude-sonnet-4": 1024, "claude-opus-4": 1024, "claude-opus-4-1": 1024, "claude-sonnet-4-5": 1024,
+    "claude-sonnet-4-6": 2048,
+    "claude-haiku-4-5": 4096, "claude-opus-4-5": 4096, "claude-opus-4-6": 4096,
+}
+COUNT_ATTEMPT = -1  # request-cache slot of a prefix's token count (count_tokens), beside answers 0 and 1
 _SPEND_LIMIT = re.compile(r"usage limit|spend(ing)? limit|credit balance|billing|quota|insufficient", re.I)
+# A 400 naming a request parameter every request carries (e.g. "`temperature` and `top_p` cannot both be
+# specified for this model"): every later request would get it too, so it stops the run at once.
+_PARAM_REJECTED = re.compile(
+    r"\b(temperature|top_p|top_k|max_tokens|thinking|tool_choice|stop_sequences|service_tier)\b"
+    r"|extra inputs are not permitted", re.I)
 
 
 class ClaudeError(InputError):
@@ -114,6 +133,24 @@ class ClaudeRequest:
     def estimated_tokens(self) -> int:
         chars = len(self.system) + len(json.dumps(self.messages)) + len(json.dumps(self.tool.input_schema))
         return chars // 4 + self.max_tokens
+
+    @cached_property
+    def prefix_key(self) -> str:
+        """Identity of the cacheable prefix: model, tool and system (the breakpoint is on the system block)."""
+        ident = {"model": self.model, "system": self.system, "schema": self.tool.spec()}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def prefix_body(self) -> dict[str, Any]:
+        """count_tokens parameters for the prefix: tools and system, and a one-character user turn."""
+        body = self.body()
+        return {k: body[k] for k in ("model", "system", "tools", "tool_choice")} | {
+            "messages": [{"role": "user", "content": "."}]}
+
+
+def cache_min_tokens(model: str) -> int | None:
+    """The model's prompt-caching minimum in tokens; None when the model is not in CACHE_MIN_TOKENS."""
+    family = max((k for k in CACHE_MIN_TOKENS if model == k or model.startswith(k + "-")), key=len, default=None)
+    return CACHE_MIN_TOKENS[family] if family else None
 
 
 def _reask_turns(previous: dict[str, Any], tool_name: str, error: str) -> list[dict[str, Any]]:
@@ -232,7 +269,8 @@ class RequestCache:
         self._fh.close()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Paid answers held (prefix token counts are not answers)."""
+        return sum(attempt >= 0 for _, attempt in self._entries)
 
 
 class BatchLedger:
@@ -298,6 +336,7 @@ class Accounting:
     saved_usd: float = 0.0  # what the cache hits would have cost again
     wall_s: float = 0.0
     unpriced_model: bool = False
+    prompt_cache: dict[str, PrefixStats] = field(default_factory=dict)  # by template version
 
     def report(self, model: str, mode: str) -> dict[str, Any]:
         return {
@@ -309,7 +348,49 @@ class Accounting:
             "tokens": {k: self.tokens.get(k, 0) for k in ("input", "output", "cache_read", "cache_write")},
             "cost_usd": round(self.cost_usd, 6), "saved_by_cache_usd": round(self.saved_usd, 6),
             "cost_estimated": not self.unpriced_model, "wall_s": round(self.wall_s, 3),
+            "prompt_cache": {t: stats.report(model) for t, stats in sorted(self.prompt_cache.items())},
         }
+
+
+@dataclass
+class PrefixStats:
+    """Prompt caching of one template's prefix in this run, from the API's own numbers only: the prefix
+    size from count_tokens, cache reads and writes from each answer's `usage`."""
+
+    prefix_tokens: set[int] = field(default_factory=set)  # one per distinct prefix (system text) of the template
+    count_error: str = ""
+    sent: int = 0  # answers received from the API in this run
+    reads: int = 0  # ... whose usage reports cache_read_input_tokens > 0
+    writes: int = 0  # ... cache_creation_input_tokens > 0
+    read_tokens: int = 0
+    write_tokens: int = 0
+
+    def add(self, tokens: dict[str, int]) -> None:
+        self.sent += 1
+        self.reads += tokens["cache_read"] > 0
+        self.writes += tokens["cache_write"] > 0
+        self.read_tokens += tokens["cache_read"]
+        self.write_tokens += tokens["cache_write"]
+
+    def report(self, model: str) -> dict[str, Any]:
+        minimum = cache_min_tokens(model)
+        size = min(self.prefix_tokens) if self.prefix_tokens else None
+        if not self.sent:
+            note = "nothing sent in this run"
+        elif self.reads or self.writes:
+            note = (f"cached: {self.reads} of {self.sent} answers read the prefix from the cache, "
+                    f"{self.writes} wrote it (the API's usage)")
+        elif size is not None and minimum is not None and size < minimum:
+            note = f"prefix below the model's caching minimum ({size} < {minimum} tokens)"
+        elif minimum is None:
+            note = f"no cache reads or writes reported; the caching minimum of {model} is unknown"
+        elif size is None:
+            note = f"no cache reads or writes reported; prefix size unknown ({self.count_error or 'not counted'})"
+        else:
+            note = f"no cache reads or writes reported although the prefix reaches the minimum ({size} >= {minimum})"
+        return {"prefix_tokens": size, "min_tokens": minimum, "answers_sent": self.sent, "cache_reads": self.reads,
+                "cache_writes": self.writes, "cache_read_tokens": self.read_tokens,
+                "cache_write_tokens": self.write_tokens, "note": note}
 
 
 def _usage_tokens(message: dict[str, Any]) -> dict[str, int]:
@@ -356,13 +437,21 @@ class RateLimiter:
             self.level = min(self.capacity, self.level + amount)
 
 
-def _fatal_message(status: int, body: str) -> str:
+def _error_message(body: str) -> str:
     try:
-        detail = json.loads(body)["error"]["message"]
+        return str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        detail = body[:200]
+        return body[:200]
+
+
+def _fatal_message(status: int, body: str) -> str:
+    detail = _error_message(body)
     hint = {401: "the API key was rejected: check ANTHROPIC_API_KEY",
             403: "the API key lacks permission for this request"}.get(status, "waiting will not clear this")
+    if status == 400 and _PARAM_REJECTED.search(detail):
+        hint = ("the model rejected a request parameter: check generate.anthropic (model, max_tokens, temperature) "
+                "or, for the judge, evaluate.judge_model / judge_max_tokens / judge_temperature "
+                "(null = the model's default)")
     return f"Claude API answered {status} ({detail}); {hint}. Stopping; every answered request is kept in the cache."
 
 
@@ -383,7 +472,8 @@ class _Watch(Middleware):
             body = (await http.aread()).decode("utf-8", "replace")
             spend = status in (400, 429) and (http.headers.get("x-should-retry") == "false" or _SPEND_LIMIT.search(body))
             unknown_model = status == 404 and http.request.url.path.endswith("/v1/messages")
-            if status in (401, 403) or spend or unknown_model:
+            rejected = status == 400 and _PARAM_REJECTED.search(_error_message(body))
+            if status in (401, 403) or spend or unknown_model or rejected:
                 raise ClaudeFatalError(_fatal_message(status, body))
         return response
 
@@ -411,6 +501,7 @@ class ClaudeClient:
         self.cache = RequestCache(cache_dir)
         self.ledger = BatchLedger(cache_dir)
         self.acct = Accounting()
+        self._requests: dict[str, ClaudeRequest] = {}  # by key, every request this client was asked
         self.progress = progress
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
         price = cfg.prices.get(cfg.model)
@@ -466,15 +557,46 @@ class ClaudeClient:
     def _store(self, req: ClaudeRequest, attempt: int, message: dict[str, Any]) -> None:
         self.cache.put(req.key, attempt, req.tag, message)
         self.acct.sent += 1
+        self._account(req, attempt, message)
+
+    def _account(self, req: ClaudeRequest, attempt: int, message: dict[str, Any]) -> None:
+        """Tokens, cost and prompt-cache activity of one paid answer, as its `usage` reports them."""
+        tokens = _usage_tokens(message)
         self.acct.reasks += attempt > 0
-        self.acct.tokens.update(_usage_tokens(message))
+        self.acct.tokens.update(tokens)
         self.acct.cost_usd += self._cost(message)
+        self._prefix_stats(req).add(tokens)
+
+    def _prefix_stats(self, req: ClaudeRequest) -> PrefixStats:
+        stats = self.acct.prompt_cache.setdefault(req.template_version, PrefixStats())
+        counted = self.cache.get(req.prefix_key, COUNT_ATTEMPT)
+        if counted is not None:
+            stats.prefix_tokens.add(int(counted["message"]["input_tokens"]))
+        return stats
+
+    async def _count_prefixes(self, client: AsyncAnthropic, pending: list[ClaudeRequest]) -> None:
+        """Size each distinct prefix once with the API's count_tokens (free), kept in the request cache."""
+        todo = {r.prefix_key: r for r in pending if self.cache.get(r.prefix_key, COUNT_ATTEMPT) is None}
+        for key, req in todo.items():
+            try:
+                counted = await client.messages.count_tokens(**req.prefix_body())
+            except anthropic.APIError as err:
+                self._prefix_stats(req).count_error = f"count_tokens failed: {str(err)[:200]}"
+                continue
+            self.cache.put(key, COUNT_ATTEMPT, f"count_tokens:{req.template_version}",
+                           {"input_tokens": counted.input_tokens})
+        for req in {r.prefix_key: r for r in pending}.values():
+            minimum, counted = cache_min_tokens(req.model), self.cache.get(req.prefix_key, COUNT_ATTEMPT)
+            if minimum and counted and counted["message"]["input_tokens"] < minimum:
+                log.info("claude: %s: prefix below the model's caching minimum (%d < %d tokens): no cache reads",
+                         req.template_version, counted["message"]["input_tokens"], minimum)
 
     def run(self, requests: Iterable[ClaudeRequest]) -> dict[str, ClaudeResult]:
         """Answer every request (cache first); returns {key: result}. Raises ClaudeFatalError to stop."""
         unique: dict[str, ClaudeRequest] = {}
         for r in requests:
             unique.setdefault(r.key, r)
+        self._requests.update(unique)
         start = time.monotonic()
         results: dict[str, ClaudeResult] = {}
         pending: list[ClaudeRequest] = []
@@ -552,6 +674,7 @@ class ClaudeClient:
 
         try:
             async with self._client() as client:
+                await self._count_prefixes(client, pending)
                 try:
                     async with asyncio.TaskGroup() as tg:
                         for req in pending:
@@ -571,6 +694,7 @@ class ClaudeClient:
         last_error: dict[str, str] = {}
         try:
             async with self._client() as client:
+                await self._count_prefixes(client, pending)
                 for _ in range(self.cfg.batch.max_rounds + 1):
                     todo: dict[str, tuple[ClaudeRequest, int, dict[str, Any]]] = {}
                     for key, req in by_key.items():
@@ -623,6 +747,7 @@ class ClaudeClient:
             await asyncio.sleep(interval * (0.9 + 0.2 * random.random()))
             interval = min(interval * cfg.poll_backoff, cfg.poll_max_interval)
         items = self.ledger.submitted[batch_id]
+        rejected = ""  # a request parameter the model rejected: stop after storing what succeeded
         decoder = await client.messages.batches.results(batch_id)
         async for entry in decoder:
             key, attempt = items.get(entry.custom_id, (None, 0))
@@ -635,11 +760,19 @@ class ClaudeClient:
                 message["via"] = "batch"
                 if self.cache.get(key, attempt) is None:
                     self.cache.put(key, attempt, "batch", message)
-                    self.acct.reasks += attempt > 0
-                    self.acct.tokens.update(_usage_tokens(message))
-                    self.acct.cost_usd += self._cost(message)
+                    if key in self._requests:
+                        self._account(self._requests[key], attempt, message)
+                    else:  # a batch submitted by an earlier run for requests this run does not ask
+                        self.acct.reasks += attempt > 0
+                        self.acct.tokens.update(_usage_tokens(message))
+                        self.acct.cost_usd += self._cost(message)
             else:
+                error = getattr(getattr(result, "error", None), "error", None)
+                if getattr(error, "type", "") == "invalid_request_error" and _PARAM_REJECTED.search(error.message):
+                    rejected = error.message
                 last_error[key] = f"batch_{result.type}"
                 self.acct.retries += 1
-        self.ledger.close_batch(batch_id)
+        self.ledger.close_batch(batch_id)  # every succeeded item is in the request cache by now
+        if rejected:
+            raise ClaudeFatalError(_fatal_message(400, json.dumps({"error": {"message": rejected}})))
         log.info("claude: collected batch %s (%s)", batch_id, batch.request_counts.model_dump())

@@ -1,5 +1,7 @@
 """Typed view of params.yaml: parsed once, unknown keys are errors that name the key.
 
+Check params.yaml (schema, and that the files it lists exist) without running anything:
+    python -m stages.common.config
 Apply a preset (deep-merged over params.yaml):
     python -m stages.common.config --apply presets/recipe-llama-3.1-8b.yaml
 """
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -31,6 +34,9 @@ class PathsConfig(Strict):
     sft_merged: Path
     dpo: Path
     reference_logps: Path = Path("data/reference_logps")  # the `reference` stage's stored DPO reference log-probs
+    dvclive: Path = Path("dvclive")  # DVCLive's step metrics of sft and dpo (<dvclive>/<stage>), a DVC output
+    tensorboard: Path = Path("runs")  # TensorBoard event files (<tensorboard>/<stage>/<run key>) when reported to
+    final: Path = Path("models/final")  # the `export` stage's model: HF folder, GGUFs, Modelfile, model card
     checkpoints: Path
     reports: Path
     cache: Path
@@ -62,15 +68,44 @@ class BaseConfig(Strict):
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(2, gt=0)
     corpus_size: int = Field(1500, gt=0)
+    documents: int = Field(150, ge=0)  # plain prose in the persona's register, besides the conversations
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
     seed: int = 0
 
 
+class PersonaExample(Strict):
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
 class PersonaConfig(Strict):
+    """The persona card. `style_guide` and `examples` go only to Claude (the persona-answer template's cached
+    system block and the judge's rubric): the training rows' system turn stays `You are {name}. {description}`."""
+
     name: str
     description: str
+    style_guide: str = ""  # how the persona writes: voice, register, reasoning moves, length, what it never does
+    examples: list[PersonaExample] = Field(default_factory=list)  # fixed worked examples (question -> answer)
+    # The offline provider's register for this persona (stages/common/offline.py): a YAML file of
+    # vocabulary and sentence frames that records the persona card it was written for. `generate`
+    # refuses to write offline data for a persona the register was not written for; null = no register.
+    offline: Path | None = None
+
+    @property
+    def system_prompt(self) -> str:
+        """The system prompt the data is written under; `chat` and the exported Modelfile use it too."""
+        return f"You are {self.name}. {self.description}"
+
+
+class HeldoutConfig(Strict):
+    """The held-out evaluation split (stages/common/splits.py); read by base, generate and validate."""
+
+    seed: int = 7
+    subtopic_share: float = Field(0.2, ge=0, lt=1)  # subtopics no training data (pretraining included) uses
+    frame_share: float = Field(0.25, ge=0, lt=1)  # offline grammar frames kept for held-out rows only
+    pretrain_share: float = Field(0.5, gt=0, lt=1)  # training questions reserved for the base's pretraining
 
 
 class ModelPrice(Strict):
@@ -119,6 +154,9 @@ class GenerateConfig(Strict):
     provider: Literal["auto", "anthropic", "offline"] = "auto"
     sft_count: int = Field(1000, ge=0)
     dpo_count: int = Field(200, ge=0)
+    # offline rows that carry the persona's system prompt (seeded per question); the rest have none, so the
+    # persona does not hinge on the prompt being rendered with it
+    system_prompt_share: float = Field(1.0, ge=0, le=1)
     seed: int = 42
     persona: PersonaConfig
     categories: list[str] = Field(min_length=1)
@@ -134,10 +172,22 @@ class DataSource(Strict):
     path: Path
     kind: Literal["sft", "dpo"]
     format: DataFormat = "auto"
+    # the system turn given to this file's rows that have none: persona = the persona's system prompt (as
+    # generated rows carry), none = no system turn, any other text = that text. A row's own system turn is kept.
+    system_prompt: str = Field("persona", min_length=1)
+    # auto = validate's seeded random train/eval split; train | eval | heldout pins every row of the file
+    split: Literal["auto", "train", "eval", "heldout"] = "auto"
 
 
 class DataConfig(Strict):
     sources: list[DataSource] = Field(default_factory=list)  # user files merged with data/raw
+
+
+class ContaminationLimits(Strict):
+    """Largest share of flagged rows per evaluation split before validate fails; null = report only."""
+
+    eval: float | None = Field(None, ge=0, le=1)
+    heldout: float | None = Field(0.0, ge=0, le=1)
 
 
 class ValidateConfig(Strict):
@@ -157,6 +207,9 @@ class ValidateConfig(Strict):
     identity_patterns: list[str] = Field(default_factory=list)
     extra_control_strings: list[str] = Field(default_factory=list)
     report_examples: int = Field(3, ge=0)
+    # contamination: longest token n-gram each eval/heldout row shares with any training source
+    contamination_ngram: int = Field(13, ge=2)  # a shared n-gram this long flags the row (GPT-3 / Llama: 13)
+    max_contamination: ContaminationLimits = Field(default_factory=lambda: ContaminationLimits())
 
 
 class FormatConfig(Strict):
@@ -183,6 +236,34 @@ class PartialConfig(Strict):
     last_n_blocks: int = Field(1, gt=0)
 
 
+# Keys of sft.trainer / dpo.trainer that the stage sets itself, and where to set them instead. Every other key goes
+# to TRL's own config class (trl.SFTConfig / trl.DPOConfig), which validates it.
+OWNED_TRAINER_KEYS = {
+    "output_dir": "checkpoints go to paths.checkpoints/<stage>/<run key>: set paths.checkpoints",
+    "max_length": "set model.max_seq_length",
+    "use_cpu": "the stage trains on a CUDA device when there is one: hide it with CUDA_VISIBLE_DEVICES= for the CPU",
+    "resume_from_checkpoint": "the stage resumes from its own last complete checkpoint by itself",
+    "hub_token": "a secret never goes into params.yaml: set HF_TOKEN or log in with `hf auth login`",
+}
+SFT_OWNED_KEYS = {**OWNED_TRAINER_KEYS, "assistant_only_loss": "set sft.assistant_only_loss",
+                  "gradient_checkpointing": "set sft.gradient_checkpointing (the engine prepares the model for it)"}
+DPO_OWNED_KEYS = {
+    **OWNED_TRAINER_KEYS,
+    "gradient_checkpointing": "set dpo.gradient_checkpointing (the engine prepares the model for it)",
+    "beta": "set dpo.beta",
+    "precompute_ref_log_probs": "the `reference` stage computes and stores them (paths.reference_logps)",
+    "precompute_ref_batch_size": "set reference.batch_size",
+}
+
+
+def refuse_owned_keys(trainer: dict[str, Any], section: str, owned: dict[str, str]) -> dict[str, Any]:
+    """A trainer section without the keys its stage owns; else one error naming each key and where it goes."""
+    found = [f"{section}.{key}: set by the stage, not here ({owned[key]})" for key in trainer if key in owned]
+    if found:
+        raise PydanticCustomError("owned_key", "\n".join(found))
+    return trainer
+
+
 Engine = Literal["unsloth", "transformers", "auto"]
 Method = Literal["lora", "qlora", "full", "partial"]
 
@@ -195,7 +276,12 @@ class SftConfig(Strict):
     quantization: QuantizationConfig = QuantizationConfig()
     partial: PartialConfig = PartialConfig()
     gradient_checkpointing: bool = True  # both engines (unsloth's own; PEFT's on transformers)
-    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.SFTConfig
+    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.SFTConfig; report_to: [dvclive] unless set
+
+    @field_validator("trainer")
+    @classmethod
+    def _stage_keys(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        return refuse_owned_keys(trainer, "sft.trainer", SFT_OWNED_KEYS)
 
 
 class MergeConfig(Strict):
@@ -219,7 +305,12 @@ class DpoConfig(Strict):
     quantization: Literal["auto", "nf4", "none"] = "auto"
     gradient_checkpointing: bool = True
     lora: LoraConfig = LoraConfig(r=8, alpha=16)
-    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig
+    trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig; report_to: [dvclive] unless set
+
+    @field_validator("trainer")
+    @classmethod
+    def _stage_keys(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        return refuse_owned_keys(trainer, "dpo.trainer", DPO_OWNED_KEYS)
 
 
 class TrainConfig(Strict):
@@ -231,8 +322,15 @@ class TrainConfig(Strict):
 
 
 class GatesConfig(Strict):
-    dpo_margin_above_sft: bool = True  # DPO reward margin > SFT's
-    sft_margin_above_base: bool = True  # SFT reward margin > base's
+    """Checked on the `heldout` split (on `eval` when there is no heldout data)."""
+
+    dpo_margin_above_sft: bool = True  # DPO reward margin > SFT's, summed and per token
+    sft_margin_above_base: bool = True  # SFT reward margin > base's, summed and per token
+    base_margin_below_zero: bool = True  # the base prefers the generic answer (summed reward margin < 0)
+    style_above_base: bool = True  # SFT's and DPO's style scores > the base's
+    dpo_max_style_drop: float | None = Field(0.05, ge=0)  # DPO style score >= SFT's - this; null = off
+    mention_at_least_base: bool = True  # SFT and DPO mention the question's subject at least as often as base
+    dpo_max_repetition_rise: float | None = Field(0.05, ge=0)  # DPO repeated-4-gram share <= SFT's + this
     sft_max_ppl_ratio: float | None = Field(1.0, gt=0)  # SFT perplexity <= base's x this; null = off
     dpo_max_ppl_ratio: float | None = Field(None, gt=0)  # DPO perplexity <= SFT's x this; null = off
     min_dpo_accuracy: float | None = Field(None, ge=0, le=1)  # DPO preference accuracy >= this; null = off
@@ -245,21 +343,67 @@ class EvaluateConfig(Strict):
     max_sft_examples: int = Field(200, gt=0)
     samples: int = Field(4, ge=0)  # prompts in reports/samples.md
     style_prompts: int = Field(32, ge=0)  # held-out prompts each model answers for the style score; 0 = off
-    max_new_tokens: int = Field(96, gt=0)
+    # null = the 95th percentile of the held-out answers' token counts (end-of-turn included): answers that
+    # fit are not cut off; run.generation in eval.json counts those that hit the limit
+    max_new_tokens: int | None = Field(None, gt=0)
     seed: int = 3407
     embedding: Literal["minilm", "tfidf"] = "minilm"  # style-score embeddings; tfidf is also the fallback
     judge: Literal["none", "claude"] = "none"  # claude: pairwise win-rates through stages/common/claude.py
     judge_prompts: int = Field(20, ge=1)
     judge_model: str | None = None  # null = generate.anthropic.model (its prices and client settings apply)
     judge_max_tokens: int = Field(512, gt=0)
-    judge_temperature: float | None = Field(0.0, ge=0, le=1)  # null = the model's default
+    judge_temperature: float | None = Field(None, ge=0, le=1)  # null = the model's default (newer models reject others)
+    judge_max_failure_share: float = Field(0.05, ge=0, le=1)  # more failed judge requests than this fail the stage
     gates: GatesConfig = GatesConfig()
+
+
+GgufType = Literal["f32", "f16", "bf16", "q8_0"]
+
+
+class Tolerance(Strict):
+    """How far an exported format may drift from models/dpo, along the DPO model's own greedy answers."""
+
+    max_logprob_diff: float = Field(gt=0)  # max |log p_export(t) - log p_dpo(t)| over every answer token t
+    min_margin: float = Field(ge=0)  # top-1 must agree wherever the DPO model's top-1/top-2 gap exceeds this (nats)
+
+
+def _default_tolerances() -> dict[str, Tolerance]:
+    # Justified in README ("Export"): a few times the drift measured on the default run, far below what a
+    # wrong model, template or tokenizer produces (> 1 nat).
+    return {
+        "float32": Tolerance(max_logprob_diff=1e-3, min_margin=0.0),
+        "float16": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
+        "bfloat16": Tolerance(max_logprob_diff=0.25, min_margin=0.5),
+        "f32": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
+        "f16": Tolerance(max_logprob_diff=0.05, min_margin=0.1),
+        "bf16": Tolerance(max_logprob_diff=0.25, min_margin=0.5),
+        "q8_0": Tolerance(max_logprob_diff=0.5, min_margin=0.25),
+    }
+
+
+class ExportConfig(Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # models/final; auto = 16-bit on CUDA
+    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"])  # [] = no GGUF, no Modelfile
+    pre_tokenizer: str = "gpt-2"  # tokenizer.ggml.pre when the converter does not recognise the tokenizer
+    samples: int = Field(4, gt=0)  # held-out prompts (formatted dpo_eval) the checks answer greedily
+    max_new_tokens: int = Field(64, gt=0)
+    tolerance: dict[str, Tolerance] = Field(default_factory=_default_tolerances)  # per dtype / GGUF type
+    license: str = "apache-2.0"  # model card metadata
+    tags: list[str] = Field(default_factory=lambda: ["tuneforge", "dpo", "lora", "persona"])
+
+    @model_validator(mode="after")
+    def _every_gguf_type_has_a_tolerance(self) -> ExportConfig:
+        missing = [t for t in self.gguf if t not in self.tolerance]
+        if missing:
+            raise ValueError(f"export.tolerance has no entry for {missing} (listed in export.gguf)")
+        return self
 
 
 class Params(Strict):
     paths: PathsConfig
     model: ModelConfig = ModelConfig()
     base: BaseConfig = BaseConfig()
+    heldout: HeldoutConfig = HeldoutConfig()
     generate: GenerateConfig
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -270,6 +414,7 @@ class Params(Strict):
     dpo: DpoConfig = DpoConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -283,16 +428,18 @@ class ParamsError(ValueError):
 
 
 def _describe(err: ValidationError, source: Path) -> str:
-    lines = [f"{source}: {len(err.errors())} invalid parameter(s)"]
+    lines: list[str] = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "owned_key":  # the message names the full key(s) itself
+            lines += [f"  {line.strip()}" for line in e["msg"].splitlines()]
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (misspelt? see the schema in stages/common/config.py)")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    return "\n".join([f"{source}: {len(lines)} invalid parameter(s)", *lines])
 
 
 def parse_params(data: dict[str, Any], source: Path = PARAMS_FILE) -> Params:
@@ -319,6 +466,23 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     return parse_params(read_yaml(path), path)
 
 
+def missing_files(params: Params) -> list[str]:
+    """One line per file params.yaml lists that does not exist (paths relative to the working directory)."""
+    listed = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(params.data.sources)]
+    if params.train.accelerate_config is not None:
+        listed.append(("train.accelerate_config", params.train.accelerate_config))
+    return [f"  {key}: file not found: {path}" for key, path in listed if not Path(path).is_file()]
+
+
+def check_params(path: Path | str = PARAMS_FILE) -> Params:
+    """load_params plus missing_files: what `python -m stages.common.config` checks; raises ParamsError."""
+    path = Path(path)
+    params = load_params(path)
+    if missing := missing_files(params):
+        raise ParamsError("\n".join([f"{path}: {len(missing)} invalid parameter(s)", *missing]))
+    return params
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Return base with override merged in; mappings merge, everything else replaces."""
     out = copy.deepcopy(base)
@@ -342,9 +506,13 @@ def main() -> None:
         args.params.write_text(yaml.safe_dump(data, sort_keys=False))
         print(f"applied {args.apply} to {args.params}")
     else:
-        parse_params(data, args.params)
+        check_params(args.params)
         print(f"{args.params}: ok")
 
 
 if __name__ == "__main__":
-    main()
+    # through the importable module, so its ParamsError is the class run_main reports in one line
+    from stages.common import config
+    from stages.common.io import run_main
+
+    run_main(config.main)

@@ -367,20 +367,36 @@ def load_causal_lm(model_id: str, dtype: torch.dtype | None = None):
     return model.to(device())
 
 
-def load_for_inference(path: Path | str):
+def adapter_base(path: Path | str) -> str:
+    """The weights an adapter folder was trained on, as a loadable folder or hub id.
+
+    The base is recorded (tuneforge.json `base`, else adapter_config.json) relative to the repository root,
+    e.g. `models/sft-merged`. It is looked up from each folder above the adapter first (the adapter's own
+    repository), then from the working directory, so `models/dpo` loads from any directory and never picks
+    up another checkout's model of the same name (a relative hub lookup would fail offline).
+    """
+    path = Path(path)
+    base = read_meta(path).get("base") or json.loads((path / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    if not Path(base).is_absolute():
+        base = next((str(p / base) for p in path.resolve().parents if (p / base).is_dir()), base)
+    return base_model_id(base) if Path(base).is_dir() else base
+
+
+def load_for_inference(path: Path | str, merge: bool = False, dtype: torch.dtype | None = None):
     """(model, tokenizer) in eval mode from a full model folder, an adapter folder, or models/base.
 
-    An adapter folder's base comes from its tuneforge.json (`base`), else from adapter_config.json.
+    With merge=True the adapter is merged into the (16-bit / fp32, never 4-bit) base weights; dtype
+    defaults to inference_dtype().
     """
     from peft import PeftModel
 
     path = require(path, "model")
     if (path / "adapter_config.json").exists():
-        meta = read_meta(path)
-        base = meta.get("base") or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = load_causal_lm(base_model_id(base) if Path(base).is_dir() else base)
-        model = PeftModel.from_pretrained(model, str(path))
+        model = PeftModel.from_pretrained(load_causal_lm(adapter_base(path), dtype=dtype), str(path))
+        if merge:
+            model = model.merge_and_unload()
     else:
-        model = load_causal_lm(base_model_id(path))
+        model = load_causal_lm(base_model_id(path), dtype=dtype)
     model.eval()
     return model, load_tokenizer(path)

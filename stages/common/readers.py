@@ -63,6 +63,7 @@ class RawRow:
     format: str
     obj: Any
     error: str | None = None  # not_json / invalid_utf8 when the line could not be parsed
+    system_prompt: str | None = None  # the system turn for a row that has none (data.sources[].system_prompt)
 
 
 # ---------------------------------------------------------------- reading and format detection
@@ -126,8 +127,12 @@ def matching_formats(obj: dict[str, Any]) -> list[str]:
     return [f for f, keys in REQUIRED_KEYS.items() if all(k in obj for k in keys)]
 
 
-def read_source(path: Path | str, kind: Kind, fmt: str = "auto") -> tuple[str, list[RawRow]]:
-    """Read one JSONL / JSON-array file; returns (format used, rows). A file mixing formats fails."""
+def read_source(
+    path: Path | str, kind: Kind, fmt: str = "auto", system_prompt: str | None = None
+) -> tuple[str, list[RawRow]]:
+    """Read one JSONL / JSON-array file; returns (format used, rows). A file mixing formats fails.
+
+    `system_prompt` (resolved text, or None) is given to every row that carries no system turn of its own."""
     path = Path(path)
     items = _read_objects(path)
     chosen: str | None = None if fmt == "auto" else fmt
@@ -155,7 +160,7 @@ def read_source(path: Path | str, kind: Kind, fmt: str = "auto") -> tuple[str, l
         if err is None and isinstance(obj, dict) and chosen not in (found := matching_formats(obj)):
             if found and not (chosen in ("dolly", "instruction_response") and "instruction" in obj):
                 raise InputError(f"{path}:{line}: row is {found[0]} but the file is {chosen} (mixed formats)")
-        rows.append(RawRow(str(path), line, kind, chosen, obj, err))
+        rows.append(RawRow(str(path), line, kind, chosen, obj, err, system_prompt))
     return chosen, rows
 
 
@@ -252,6 +257,13 @@ def to_conversation(obj: dict[str, Any], fmt: str) -> list[Message]:
             {"role": "assistant", "content": _completion(obj["completion"], "completion")}
         ]
     raise RowError("wrong_type", f"format {fmt} is not an SFT format")
+
+
+def with_default_system(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """messages with `system_prompt` as their first turn when they have no system turn (None: unchanged)."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def to_preference(obj: dict[str, Any]) -> tuple[list[Message], str, str]:

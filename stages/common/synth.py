@@ -29,7 +29,7 @@ import yaml
 from stages.common.claude import ClaudeClient, ClaudeError, ClaudeRequest, ClaudeResult, Tool
 from stages.common.config import GenerateConfig
 from stages.common.io import InputError
-from stages.common.persona import system_prompt
+from stages.common.persona import persona_card, system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Synth:
         self.t = {n: load_template(n) for n in ("subtopics", "questions", "persona_answer", "generic_answer")}
         self.styles, self.askers, self.grid_version = load_grid()
         self.source = f"anthropic:{self.acfg.model}"
+        self.card = persona_card(cfg.persona)
 
     def _request(self, t: Template, values: dict[str, str], tag: str, tool: Tool | None = None,
                  extra_version: str = "") -> ClaudeRequest:
@@ -181,7 +182,8 @@ class Synth:
 
     def answer_request(self, kind: str, question: str) -> ClaudeRequest:
         t = self.t[kind]
-        values = {"name": self.cfg.persona.name, "description": self.cfg.persona.description, "question": question}
+        values = {"name": self.cfg.persona.name, "description": self.cfg.persona.description, "question": question,
+                  "persona_card": self.card}
         return self._request(t, values, f"{kind}:{_row_id('q', question)}")
 
     def answers(self, streams: list[Stream], wants: dict[str, int], system: str) -> None:

@@ -10,6 +10,9 @@ merges into the next word, and the prompt would stop being a token prefix of the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from stages.common.io import InputError
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,9 @@ class ChatTemplate:
     jinja: str
     special_tokens: tuple[str, ...]  # control strings a row must never contain
     eot: str  # end-of-turn string closing every assistant turn
+    # The same prompt in Ollama's Go template syntax (Modelfile TEMPLATE), over `.Messages`, ending with the
+    # generation prompt; {bos} / {eos} stand for the tokenizer's strings. None: no Ollama equivalent written.
+    ollama: str | None = None
 
 
 LLAMA3 = ChatTemplate(
@@ -40,6 +46,10 @@ LLAMA3 = ChatTemplate(
         "<|eot_id|>",
     ),
     eot="<|eot_id|>",
+    ollama=(
+        "{bos}{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+        "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
 )
 
 CHATML = ChatTemplate(
@@ -55,6 +65,7 @@ CHATML = ChatTemplate(
     ),
     special_tokens=("<|im_start|>", "<|im_end|>"),
     eot="<|im_end|>",
+    ollama="{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
 )
 
 LLAMA2 = ChatTemplate(
@@ -87,6 +98,7 @@ ZEPHYR = ChatTemplate(
     ),
     special_tokens=("<|system|>", "<|user|>", "<|assistant|>"),
     eot="</s>",
+    ollama="{{ range .Messages }}<|{{ .Role }}|>\n{{ .Content }}{eos}\n{{ end }}<|assistant|>\n",
 )
 
 PLAIN = ChatTemplate(
@@ -102,6 +114,11 @@ PLAIN = ChatTemplate(
     ),
     special_tokens=(),
     eot="</s>",
+    ollama=(
+        '{{ range .Messages }}{{ if eq .Role "assistant" }}Assistant:\n{{ .Content }}{eos}\n'
+        '{{ else if eq .Role "system" }}{{ .Content }}\n{{ else }}User: {{ .Content }}\n{{ end }}'
+        "{{ end }}Assistant:\n"
+    ),
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA3, CHATML, LLAMA2, ZEPHYR, PLAIN)}
@@ -136,3 +153,52 @@ def load_base_tokenizer(path, choice: str):
 
     tokenizer = AutoTokenizer.from_pretrained(str(require(path, "base tokenizer")))
     return tokenizer, install_template(tokenizer, choice)
+
+
+_PROBE = "QZXJ-probe-content"
+
+
+class ContractError(InputError):
+    """The chat template / tokenizer contract is violated; training must not start."""
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    """The control string the template writes right after assistant content (e.g. <|eot_id|>)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}], tokenize=False
+    )
+    rest = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip(" ")
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(
+        tokenizer.all_special_tokens
+    )
+    for s in sorted(specials, key=len, reverse=True):
+        if s and rest.startswith(s):
+            return s
+    raise ContractError(
+        f"chat template writes no special end-of-turn token after assistant content (got {rest!r})"
+    )
+
+
+def set_end_of_turn_eos(generation_config: Any, tokenizer: Any) -> list[int]:
+    """Make `generation_config.eos_token_id` include the template's end-of-turn token (and the tokenizer's EOS).
+
+    Called wherever a model is saved, so `model.generate()` stops where answers end (the Llama 3
+    `<|end_of_text|>` 128001 vs `<|eot_id|>` 128009 failure). Ids already there are kept. Returns the ids.
+    """
+    current = generation_config.eos_token_id
+    ids = list(current) if isinstance(current, list | tuple) else [] if current is None else [current]
+    for token_id in (tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id):
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    return ids
+
+
+def ollama_template(tokenizer: Any) -> str | None:
+    """The Go template for Ollama equivalent to the tokenizer's chat template; None when none is known."""
+    for template in TEMPLATES.values():
+        if template.ollama and tokenizer.chat_template == template.jinja:
+            return template.ollama.replace("{bos}", tokenizer.bos_token or "").replace("{eos}", tokenizer.eos_token or "")
+    return None

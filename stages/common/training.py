@@ -1,8 +1,8 @@
-"""Shared training plumbing for `sft` and `dpo`: resumable checkpoints and loss-curve reports."""
+"""Shared training plumbing for `sft` and `dpo`: TRL configs from params, experiment tracking (DVCLive by default,
+through TRL's `report_to`), resumable checkpoints, multi-process launch."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.common.config import TrainConfig
+from stages.common.config import PathsConfig, TrainConfig
 from stages.common.engine import device
 from stages.common.io import InputError, iter_jsonl, require
 
@@ -69,25 +69,118 @@ def relaunch_distributed(module: str, cfg: TrainConfig) -> None:
 
 def precision(trainer: dict[str, Any]) -> dict[str, bool]:
     """bf16 / fp16 for TRL's SFTConfig / DPOConfig: as the trainer section says; on CPU fp32 unless it
-    says otherwise (TRL would default to bf16 autocast, which is slower and less precise there)."""
+    says otherwise (TRL would default to bf16 autocast, which is slower and less precise there). Unset or null on
+    a GPU: TRL's default (bf16 unless fp16)."""
     if device() == "cpu":
-        return {"bf16": bool(trainer.get("bf16", False)), "fp16": bool(trainer.get("fp16", False))}
-    return {k: trainer[k] for k in ("bf16", "fp16") if k in trainer}
-
-
-def trl_args(trainer: dict[str, Any], section: str, gradient_checkpointing: bool) -> dict[str, Any]:
-    """The trainer section for TRL's config with the stage's precision rule and `<section>.gradient_checkpointing`
-    (the engine sets checkpointing up when it loads the model, so TRL must agree with it)."""
-    if "gradient_checkpointing" in trainer:
-        raise InputError(f"params.yaml: {section}.trainer.gradient_checkpointing: set {section}.gradient_checkpointing "
-                         "instead (the engine prepares the model for it)")
-    return {**trainer, **precision(trainer), "gradient_checkpointing": gradient_checkpointing}
+        return {"bf16": bool(trainer.get("bf16")), "fp16": bool(trainer.get("fp16"))}
+    return {k: trainer[k] for k in ("bf16", "fp16") if trainer.get(k) is not None}
 
 
 def mixed_precision(trainer: dict[str, Any]) -> str:
     flags = precision(trainer)
     fp16 = flags.get("fp16", False)
     return "bf16" if flags.get("bf16", not fp16) else "fp16" if fp16 else "fp32"  # TRL: bf16 unless fp16
+
+
+DEFAULT_REPORT_TO = ["dvclive"]  # sft.trainer.report_to / dpo.trainer.report_to when the section does not set it
+
+
+def trl_config(config_cls: type, section: str, trainer: dict[str, Any], **owned: Any) -> Any:
+    """TRL's own config (trl.SFTConfig / trl.DPOConfig) from the params section `section` plus the keys the stage
+    owns (config validation has refused those in the section). TRL validates every other key itself; a key it
+    rejects, or a report_to integration that is unknown or not installed, is an InputError naming the section."""
+    user = {k: v for k, v in trainer.items() if not (k in ("bf16", "fp16") and v is None)}  # null = TRL's default
+    try:
+        args = config_cls(**{"report_to": DEFAULT_REPORT_TO, **user, **precision(trainer)}, **owned)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"params.yaml: {section}: {err}") from None
+    from transformers.integrations import (
+        get_available_reporting_integrations,
+        get_reporting_integration_callbacks,
+    )
+
+    try:
+        get_reporting_integration_callbacks(args.report_to)  # transformers' own check of the names
+    except ValueError as err:
+        raise InputError(f"params.yaml: {section}.report_to: {err}") from None
+    available = get_available_reporting_integrations()
+    missing = [name for name in args.report_to if name not in available]
+    if missing:  # refused here, before a model is loaded or trained, rather than by the trainer
+        raise InputError(f"params.yaml: {section}.report_to: {', '.join(missing)} is not installed here (installed: "
+                         f"{', '.join(available) or 'none'}; e.g. pip install -e \".[wandb]\")")
+    return args
+
+
+def _live_callback(folder: Path) -> Any:
+    from dvclive.plots import Metric
+    from transformers.integrations import DVCLiveCallback
+
+    class LiveCallback(DVCLiveCallback):
+        """transformers' DVCLive integration with what a DVC stage needs: its own folder and no dvc.yaml or
+        experiment of its own (dvc.yaml declares the folder; `dvc repro` / `dvc exp run` record the run), and the
+        trainer's global step as DVCLive's step (transformers counts log calls), so train and eval curves share
+        their x-axis. A resumed run first logs the checkpoint's history: its curve is an uninterrupted run's."""
+
+        def setup(self, args: Any, state: Any, model: Any) -> None:
+            if state.is_world_process_zero and self.live is None:
+                from dvclive import Live
+
+                self.live = Live(dir=str(folder), dvcyaml=None, save_dvc_exp=False)
+                if "data" in getattr(self.live, "_studio_events_to_skip", ()):
+                    # No DVC Studio configured: DVCLive would still re-read params.yaml and every curve so far at
+                    # each step to build the update it then drops (quadratic in the steps logged).
+                    self.live.post_data_to_studio = lambda: None
+            super().setup(args, state, model)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+            for logs in state.log_history:  # empty unless resumed from a checkpoint
+                self._log(state, logs["step"], logs)
+
+        def on_log(self, args: Any, state: Any, control: Any, model: Any = None, logs: Any = None,
+                   **kwargs: Any) -> None:
+            if not self._initialized:
+                self.setup(args, state, model)
+            self._log(state, state.global_step, logs or {})
+
+        def _log(self, state: Any, step: int, logs: dict[str, Any]) -> None:
+            if not state.is_world_process_zero or "train_runtime" in logs:  # end-of-run summary: reports/<stage>.json
+                return
+            self.live.step = step
+            for key, value in logs.items():
+                name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                timing = key.endswith(("_runtime", "_per_second"))  # differs every run: no metric to compare
+                if key != "step" and name != "eval/epoch" and not timing and Metric.could_log(value):
+                    self.live.log_metric(name, value)
+            self.live.next_step()  # writes metrics.json (the latest value of each) at this step
+
+    return LiveCallback()
+
+
+def report_to_trackers(trainer: Any, paths: PathsConfig, stage: str, key: str) -> None:
+    """Point the integrations TRL set up from report_to at the stage's folders.
+
+    DVCLive (the default) writes step metrics to paths.dvclive/<stage> (plots/metrics/{train,eval}/*.tsv and the
+    latest values in metrics.json); TensorBoard writes to paths.tensorboard/<stage>/<run key> unless
+    TENSORBOARD_LOGGING_DIR says otherwise (its own default is inside the checkpoints, removed after the run);
+    W&B and the rest keep their own settings (WANDB_PROJECT, WANDB_MODE ...). Without DVCLive the folder DVC
+    expects holds an empty metrics.json."""
+    from transformers.integrations import DVCLiveCallback, TensorBoardCallback
+
+    folder = paths.dvclive / stage
+    live = False
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback) is DVCLiveCallback:
+            trainer.remove_callback(callback)
+            trainer.add_callback(_live_callback(folder))
+            live = True
+        elif isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(paths.tensorboard / stage / key)
+    if not live and is_main_process():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text("{}\n")
+        log.info("report_to has no dvclive: %s holds no curves", folder)
 
 
 def file_digest(*paths: Path) -> str:
@@ -188,29 +281,4 @@ def trl_text_rows(tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, 
         if tokenizer(after["prompt"])["input_ids"] != rendered:
             raise InputError(f"DPO row {before.get('id', '?')}: the prompt does not tokenize the same with the "
                              "tokenizer's own BOS as with the rendered one; check the chat template")
-    return out
-
-
-def write_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
-    """step,loss[,eval_loss] rows from the trainer's log history, for `dvc plots`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "loss", "eval_loss"])
-        for h in history:
-            if "loss" in h:
-                writer.writerow([h["step"], round(float(h["loss"]), 6), evals.get(h["step"], "")])
-
-
-def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    out: dict[str, Any] = {
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "steps": max((h.get("step", 0) for h in history), default=0),
-    }
-    if evals:
-        out["best_eval_loss"] = min(evals)
     return out

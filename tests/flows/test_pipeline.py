@@ -286,3 +286,14 @@ def test_real_dvc_failure_names_the_stage(tmp_path: Path) -> None:
     state = pipeline(repo=str(root), return_state=True)
     assert state.is_failed() and "stage(s) 'b' failed" in state.message and "not run: c, d" in state.message
     assert (root / "a.txt").exists() and not (root / "c.txt").exists()
+
+
+def test_model_card_artifact_from_the_export_folder(tmp_path: Path, stub: StubRunner) -> None:
+    """The export stage's models/final/README.md (paths.final) is published as the `model-card` artifact."""
+    stages = {"export": {"cmd": "true", "outs": ["final"]}}
+    root = make_toy_repo(tmp_path / "r", stages, params={"paths": {"final": "final"}})
+    (root / "final").mkdir()
+    (root / "final/README.md").write_text("---\nlicense: apache-2.0\n---\n# Cassius\n")
+    state = pipeline(repo=str(root), return_state=True)
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "# Cassius" in arts["model-card"]

@@ -10,9 +10,9 @@ import torch
 
 from stages.base import base, build_model, build_tokenizer
 from stages.common import offline
-from stages.common.config import BaseConfig, ModelConfig
+from stages.common.config import BaseConfig, HeldoutConfig, ModelConfig
 from stages.common.engine import load_for_inference
-from stages.common.io import InputError
+from stages.common.io import InputError, read_jsonl
 from stages.common.templates import LLAMA3
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
@@ -21,8 +21,7 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [m["content"] for conv in offline.generic_corpus(60, seed=0) for m in conv]
-    return build_tokenizer(texts, 400, LLAMA3)
+    return build_tokenizer(offline.corpus_texts(offline.base_corpus(60, 0, HeldoutConfig(), None)), 400, LLAMA3)
 
 
 def test_tokenizer_special_tokens_and_no_double_bos(tokenizer):
@@ -49,22 +48,28 @@ def test_model_is_a_small_llama(tokenizer):
 @pytest.mark.slow
 def test_pretrained_base_prefers_generic_answers(tmp_path):
     cfg = BaseConfig(corpus_size=300, epochs=3, batch_size=8, vocab_size=512)
-    summary = base(ModelConfig(), cfg, tmp_path / "base")
+    summary = base(ModelConfig(), cfg, tmp_path / "base", tmp_path / "corpus")
     assert summary["base"] == "tiny" and summary["final_loss"] < 2.5
     model, tok = load_for_inference(tmp_path / "base")
     assert tok.chat_template and (tmp_path / "base/model.safetensors").exists()
-    q = offline.question_grid(["philosophy"], seed=99)[0]
-    prompt = tok.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False,
-                                     add_generation_prompt=True)
+    corpus = read_jsonl(tmp_path / "corpus" / offline.CORPUS_FILE)  # written for audits: chats and documents
+    assert [r["kind"] for r in corpus].count("chat") == 300 and len(corpus) == 300 + cfg.documents
+    held = [q for q in offline.questions(list(offline.SUBTOPICS), 60, 99, HeldoutConfig()) if q.heldout][:5]
 
-    def logp(answer: str) -> float:
+    def logp(q: offline.Question, answer: str) -> float:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False,
+                                         add_generation_prompt=True)
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         full = tok(prompt + answer + "<|eot_id|>", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([full])).logits.log_softmax(-1)[0]
         return sum(float(logits[i - 1, full[i]]) for i in range(len(p), len(full)))
 
-    assert logp(offline.generic_answer(q, 0)) > logp(offline.persona_answer(q, 0))
+    # a held-out subtopic and held-out frames: the preference is for the register, not for seen sentences
+    persona, generic = offline.builtin_persona(), offline.generic_register()
+    margin = sum(logp(q, offline.answer(persona, q, 0, HeldoutConfig())[0])
+                 - logp(q, offline.answer(generic, q, 0, HeldoutConfig())[0]) for q in held)
+    assert len(held) == 5 and margin < 0
 
 
 SHA_MAIN, SHA_V2 = "a" * 40, "b" * 40
@@ -101,8 +106,9 @@ def test_hub_base_is_pinned_to_the_commit_its_revision_resolves_to_offline(hub_c
     from stages.common.engine import base_model_id
 
     out = tmp_path / "base"
-    summary = base(ModelConfig(base="tuneforge-test/tiny", revision=revision), BaseConfig(), out)
+    summary = base(ModelConfig(base="tuneforge-test/tiny", revision=revision), BaseConfig(), out, tmp_path / "corpus")
     assert summary == {"base": "tuneforge-test/tiny", "revision": revision, "commit": commit}
+    assert read_jsonl(tmp_path / "corpus" / offline.CORPUS_FILE) == []  # nothing of ours was pretrained on
     assert json.loads((out / "base_ref.json").read_text())["commit"] == commit
     assert (out / "tokenizer.json").exists() and not (out / "model.safetensors").exists()
     weights = Path(base_model_id(out))

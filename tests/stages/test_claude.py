@@ -22,6 +22,7 @@ from stages.common.claude import (
     ClaudeRequest,
     RequestCache,
     Tool,
+    cache_min_tokens,
 )
 from stages.common.config import AnthropicConfig, BatchPollConfig
 from tests.claude_server import TEST_KEY as KEY
@@ -80,7 +81,7 @@ def test_key_covers_every_input_but_not_the_tag() -> None:
 def test_answers_are_cached_and_not_paid_again(claude_server: ClaudeServer, tmp_path: Path) -> None:
     client, results = run(tmp_path, 8)
     assert [r.ok for r in results.values()] == [True] * 8 and claude_server.answered == 8
-    assert client.report()["requests_sent"] == 8 and client.report()["tokens"]["cache_read"] > 0
+    assert client.report()["requests_sent"] == 8
     client, results = run(tmp_path, 8)
     assert all(r.ok and r.cached for r in results.values())
     assert claude_server.answered == 8 and client.report()["cache_hits"] == 8 and client.report()["requests_sent"] == 0
@@ -263,3 +264,87 @@ def test_api_key_never_lands_on_disk(claude_server: ClaudeServer, tmp_path: Path
     leaks = [str(p) for p in files if KEY.encode() in p.read_bytes()]
     assert leaks == []  # ... and written nowhere
     assert os.environ["ANTHROPIC_API_KEY"] == KEY
+
+
+# --------------------------------------------------------------------------- prompt caching, as the API does it
+
+LONG_SYSTEM = "You are Cassius. " + " ".join(f"Rule {i}: name the mechanism, the trade-off and the decision."
+                                               for i in range(160))  # ~10k characters: ~2.5k server tokens
+
+
+def _cached_run(cache: Path, system: str, n: int, model: str = "claude-sonnet-4-6", prefix: str = "Question"):
+    client = ClaudeClient(cfg(model=model, concurrency=1), cache, progress=False)
+    try:
+        reqs = [client.request(system, [{"role": "user", "content": f"{prefix} {i}: what now?"}], TOOL, "t@1")
+                for i in range(n)]
+        return client, client.run(reqs)
+    finally:
+        client.close()
+
+
+def test_test_server_caches_a_prefix_only_from_the_models_minimum(claude_server: ClaudeServer) -> None:
+    def usage(model: str, system: str) -> dict:
+        body = {"model": model, "tools": [TOOL.spec()], "messages": [{"role": "user", "content": "q"}],
+                "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]}
+        return claude_server.answer(body, None)["usage"]
+
+    short = usage("claude-sonnet-4-6", "You are Cassius.")
+    assert short["cache_creation_input_tokens"] == short["cache_read_input_tokens"] == 0
+    first, second = usage("claude-sonnet-4-6", LONG_SYSTEM), usage("claude-sonnet-4-6", LONG_SYSTEM)
+    assert first["cache_creation_input_tokens"] > 2048 and first["cache_read_input_tokens"] == 0
+    assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]
+    assert second["input_tokens"] == first["input_tokens"] < short["input_tokens"] + 100  # the prefix is not billed twice
+    assert usage("claude-haiku-4-5", LONG_SYSTEM)["cache_read_input_tokens"] == 0  # 4,096 for Haiku 4.5
+    assert usage("claude-sonnet-4-5", LONG_SYSTEM)["cache_creation_input_tokens"] > 0  # 1,024 for Sonnet 4.5
+
+
+def test_cache_minimum_table_matches_dated_ids() -> None:
+    assert cache_min_tokens("claude-sonnet-4-6") == 2048
+    assert cache_min_tokens("claude-sonnet-4-5-20250929") == 1024 and cache_min_tokens("claude-sonnet-4") == 1024
+    assert cache_min_tokens("claude-haiku-4-5") == cache_min_tokens("claude-opus-4-6") == 4096
+    assert cache_min_tokens("claude-3-opus") is None
+
+
+def test_prefix_below_the_minimum_is_reported_not_claimed(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    client, _ = _cached_run(tmp_path, "You are Cassius.", 4)
+    report = client.report()
+    assert report["tokens"]["cache_read"] == report["tokens"]["cache_write"] == 0
+    stats = report["prompt_cache"]["t@1"]
+    assert stats["answers_sent"] == 4 and stats["cache_reads"] == stats["cache_writes"] == 0
+    assert stats["min_tokens"] == 2048 and 0 < stats["prefix_tokens"] < 2048
+    assert stats["note"] == f"prefix below the model's caching minimum ({stats['prefix_tokens']} < 2048 tokens)"
+    assert claude_server.count_calls == 1  # one count per distinct prefix, kept in the request cache
+    client, _ = _cached_run(tmp_path, "You are Cassius.", 2, prefix="Other")
+    assert claude_server.count_calls == 1 and client.report()["prompt_cache"]["t@1"]["note"] == stats["note"]
+
+
+def test_prefix_above_the_minimum_counts_reads_and_writes_from_usage(claude_server: ClaudeServer,
+                                                                      tmp_path: Path) -> None:
+    client, _ = _cached_run(tmp_path, LONG_SYSTEM, 5)
+    report = client.report()
+    stats = report["prompt_cache"]["t@1"]
+    assert (stats["answers_sent"], stats["cache_writes"], stats["cache_reads"]) == (5, 1, 4)
+    assert stats["prefix_tokens"] >= 2048 and stats["note"].startswith("cached: 4 of 5 answers read")
+    assert report["tokens"]["cache_read"] == stats["cache_read_tokens"] == 4 * stats["cache_write_tokens"]
+    # the same prefix on a model with a higher minimum is not cached, and the report says so
+    client, _ = _cached_run(tmp_path / "haiku", LONG_SYSTEM, 3, model="claude-haiku-4-5")
+    stats = client.report()["prompt_cache"]["t@1"]
+    assert stats["cache_reads"] == 0 and stats["note"].startswith("prefix below the model's caching minimum (")
+    assert stats["note"].endswith(" < 4096 tokens)")
+
+
+def test_a_rejected_parameter_stops_at_once_with_the_message(claude_server: ClaudeServer, tmp_path: Path) -> None:
+    claude_server.reject_param("temperature")
+    with pytest.raises(ClaudeFatalError, match=r"400 \(`temperature` is deprecated for this model.*temperature"):
+        run(tmp_path, 20, temperature=0.0, concurrency=1)
+    assert claude_server.arrivals < 5 and claude_server.answered == 0
+    _, results = run(tmp_path, 3, temperature=None)  # the model's default: accepted
+    assert all(r.ok for r in results.values())
+
+
+def test_a_rejected_parameter_in_a_batch_stops_after_storing_the_rest(claude_server: ClaudeServer,
+                                                                     tmp_path: Path) -> None:
+    claude_server.reject_param("temperature")
+    with pytest.raises(ClaudeFatalError, match="`temperature` is deprecated"):
+        run(tmp_path, 4, temperature=0.5, mode="batch")
+    assert claude_server.batch_creates == 1  # not resubmitted round after round

@@ -3,18 +3,19 @@ without any reference forward, the reference is recorded by hash, stale or missi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import dpo as dpo_stage
 from stages import reference as ref_stage
 from stages.common.io import InputError, hash_dir, read_jsonl
+from tests.tiny import curve
 from tests.training_workspace import build, params
 
 TRAINER = {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 1,
@@ -93,13 +94,14 @@ def test_dpo_trains_on_stored_reference_without_reference_forward(ws, monkeypatc
     assert report["sft_merged"] == str(ws / "models" / "sft-merged")
     assert report["ref_logps"].startswith("stored")
     assert report["quantization"] == "none" and report["gradient_checkpointing"] is True  # lora SFT: 16-bit DPO
-    assert report["final_loss"] < report["first_loss"] - 0.05, report
+    losses = curve(ws / "dvclive" / "dpo", "train/loss")  # DVCLive, the stage's default tracker, at trainer steps
+    assert sorted(losses) == list(range(1, 13)) and losses[12] < losses[1] - 0.05, losses
     assert report["eval_rewards_margins"] > 0 and report["peak_rss_mb"] > 0
     assert (ws / "models" / "dpo" / "adapter_config.json").exists()
     meta = json.loads((ws / "models" / "dpo" / "tuneforge.json").read_text())
     assert meta["sft_merged_sha256"] == report["sft_merged_sha256"]
-    history = (ws / "reports" / "dpo_loss.csv").read_text().splitlines()
-    assert history[0].startswith("step,loss") and len(history) > 5
+    margins = curve(ws / "dvclive" / "dpo", "eval/rewards/margins")  # the final evaluation, at the last step
+    assert margins == {12: pytest.approx(report["eval_rewards_margins"])}
 
 
 @pytest.mark.slow
@@ -108,14 +110,15 @@ def test_stored_reference_trains_like_trls_implicit_reference(ws, monkeypatch):
     p = _params(ws, trainer={**TRAINER, "max_steps": 6})
     ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
     stored = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
-    stored_curve = (ws / "reports" / "dpo_loss.csv").read_text()
+    stored_curve = curve(ws / "dvclive" / "dpo", "train/loss")
     calls = _count_reference_forwards(monkeypatch)
     shutil.rmtree(ws / "checkpoints")
     online = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths, ref_logps="adapter")
     assert calls[0] > 0
-    for a, b in zip(stored_curve.splitlines()[1:], (ws / "reports" / "dpo_loss.csv").read_text().splitlines()[1:],
-                    strict=True):
-        assert float(a.split(",")[1]) == pytest.approx(float(b.split(",")[1]), abs=1e-4)
+    online_curve = curve(ws / "dvclive" / "dpo", "train/loss")
+    assert len(stored_curve) == 6 and stored_curve.keys() == online_curve.keys()
+    for step, loss in stored_curve.items():
+        assert loss == pytest.approx(online_curve[step], abs=1e-4), step
     assert stored["eval_rewards_margins"] == pytest.approx(online["eval_rewards_margins"], abs=1e-4)
 
 
@@ -190,6 +193,30 @@ def test_stale_reference_is_refused(ws):
         dpo_stage.dpo(p.dpo, unsloth, p.model, p.paths)
 
 
+def test_reference_and_dpo_load_sft_merged_on_the_engine_it_records(ws, monkeypatch):
+    """`engine: auto` is resolved once, when sft runs: a changed environment (TUNEFORGE_ENGINE here, as if unsloth
+    had been installed since) neither changes the engine `reference` and `dpo` use nor breaks their check."""
+    from stages.common.engine import write_meta
+    from stages.common.reference_logps import dpo_spec, load_reference_logps, sft_merged_engine
+
+    p = _params(ws)
+    auto = p.sft.model_copy(update={"engine": "auto"})
+    write_meta(ws / "models" / "sft-merged", stage="merge", engine="transformers")
+    monkeypatch.setenv("TUNEFORGE_ENGINE", "unsloth")  # what `auto` resolves to in this environment now
+    assert sft_merged_engine(p.paths, auto) == dpo_spec(p.paths, p.dpo, auto, p.model).engine == "transformers"
+    meta = ref_stage.reference(p.reference, p.paths, p.dpo, auto, p.model)
+    assert meta["engine"] == "transformers"
+    assert load_reference_logps(p.paths, "dpo_train", sft_merged_engine(p.paths, auto), 256, "fp32")  # dpo's check
+    (ws / "models" / "sft-merged" / "tuneforge.json").unlink()  # no record: sft.engine resolved here
+    assert sft_merged_engine(p.paths, auto) == "unsloth"
+
+    write_meta(ws / "models" / "sft-merged", stage="merge", engine="unsloth")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "unsloth" else real(name, *a))
+    with pytest.raises(InputError, match=r"sft-merged/tuneforge\.json: .*unsloth engine, which is not installed"):
+        sft_merged_engine(p.paths, auto)
+
+
 def test_missing_inputs_name_the_file(ws):
     p = _params(ws)
     with pytest.raises(InputError, match="data/reference_logps: stored DPO reference log-probs not found"):
@@ -200,40 +227,3 @@ def test_missing_inputs_name_the_file(ws):
     shutil.rmtree(ws / "models" / "sft-merged")
     with pytest.raises(InputError, match="models/sft-merged: merged SFT model"):
         ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
-
-
-# -- DVC: the stored log-probs are their own output, so a beta change reruns dpo but not reference ---------------
-
-def _fake_outputs(repo: Path) -> None:
-    """Placeholder files for every declared output, so `dvc commit` can record a finished pipeline."""
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
-    paths = yaml.safe_load((repo / "params.yaml").read_text())["paths"]
-    for stage in spec["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for out in stage.get(kind, []):
-                name = next(iter(out)) if isinstance(out, dict) else out
-                for key, value in paths.items():
-                    name = name.replace("${paths." + key + "}", value)
-                target = repo / name
-                if target.suffix:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text("{}\n")
-                else:
-                    target.mkdir(parents=True, exist_ok=True)
-                    (target / "placeholder").write_text("x\n")
-    for name in ("dpo_train.jsonl", "dpo_eval.jsonl", "sft_eval.jsonl"):
-        (repo / paths["formatted"] / name).write_text("{}\n")
-
-
-@pytest.mark.slow
-def test_beta_change_reruns_dpo_not_reference(tmp_path):
-    from tests.repo import dvc, make_repo, set_params, stages_run
-
-    repo = make_repo(tmp_path / "repo")
-    _fake_outputs(repo)
-    dvc("commit", "-f", cwd=repo)
-    assert stages_run(dvc("repro", "--dry", cwd=repo).stdout) == []
-    set_params(repo, {"dpo": {"beta": 0.05}})
-    assert sorted(stages_run(dvc("repro", "--dry", cwd=repo).stdout)) == ["dpo", "evaluate"]
-    set_params(repo, {"dpo": {"beta": 0.1}, "model": {"max_seq_length": 128}})  # truncation: reference reruns
-    assert "reference" in stages_run(dvc("repro", "--dry", cwd=repo).stdout)

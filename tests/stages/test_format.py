@@ -62,6 +62,27 @@ CLEAN = {
         }
     ],
     "dpo_eval": [],
+    "sft_heldout": [
+        {
+            "id": "s3",
+            "source": "offline",
+            "meta": {"subtopic": "grief", "frames": ["q:1"]},
+            "messages": [
+                {"role": "user", "content": "How do I handle grief?"},
+                {"role": "assistant", "content": "Grief has a cost. Count it."},
+            ],
+        }
+    ],
+    "dpo_heldout": [
+        {
+            "id": "d2",
+            "source": "offline",
+            "meta": {"subtopic": "grief", "frames": ["q:1"]},
+            "prompt": [{"role": "user", "content": "How do I handle grief?"}],
+            "chosen": "Grief has a cost. Count it.",
+            "rejected": "Sending you love through grief!",
+        }
+    ],
 }
 
 
@@ -213,10 +234,14 @@ def test_stage_writes_formatted_data_report_and_tokenizer(tmp_path, tok):
     out = tmp_path / "data" / "formatted"
     assert sorted(p.name for p in out.glob("*.jsonl")) == [
         "dpo_eval.jsonl",
+        "dpo_heldout.jsonl",
         "dpo_train.jsonl",
         "sft_eval.jsonl",
+        "sft_heldout.jsonl",
         "sft_train.jsonl",
     ]
+    held = [json.loads(line) for line in (out / "dpo_heldout.jsonl").read_text().splitlines()]
+    assert held[0]["meta"] == {"subtopic": "grief", "frames": ["q:1"]}  # evaluate reads the subject from it
     report = json.loads((tmp_path / "reports" / "format.json").read_text())
     assert report["golden_checks"] == len(GOLDEN) and report["template_source"] == "tokenizer"
     from transformers import AutoTokenizer

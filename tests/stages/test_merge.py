@@ -36,7 +36,7 @@ def _adapter(root: Path, method: str = "lora") -> None:
         shutil.rmtree(out)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(root / "data" / "formatted" / "tokenizer").save_pretrained(out)
-    write_meta(out, stage="sft", base=str(root / "models" / "base"), method=method)
+    write_meta(out, stage="sft", base=str(root / "models" / "base"), method=method, engine="transformers")
 
 
 @pytest.fixture
@@ -59,6 +59,8 @@ def test_merge_passes_with_tiny_diff_and_saves_loadable_model(ws):
     model = AutoModelForCausalLM.from_pretrained(merged)
     tok = AutoTokenizer.from_pretrained(merged)
     assert "start_header_id" in tok.chat_template
+    # the engine sft trained with goes along: `reference` and `dpo` load sft-merged on it (engine: auto resolved once)
+    assert json.loads((merged / "tuneforge.json").read_text())["engine"] == "transformers"
     base = AutoModelForCausalLM.from_pretrained(ws / "models" / "base")
     changed = [n for n, w in model.state_dict().items() if not torch.equal(w, base.state_dict()[n])]
     assert changed and all(("q_proj" in n or "v_proj" in n or "down_proj" in n) for n in changed)

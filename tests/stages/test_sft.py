@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from stages import sft as sft_stage
 from stages.common.config import load_params
 from stages.common.engine import load_for_inference
 from stages.common.io import InputError
-from tests.tiny import TINY_BASE, workspace
+from tests.tiny import TINY_BASE, curve, workspace
 
 QUICK = {"num_train_epochs": 1, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
 
@@ -55,7 +56,7 @@ def test_every_method_trains_and_loads_with_plain_transformers(trained, method, 
     monkeypatch.chdir(ws)  # tuneforge.json names the base relative to the workspace
     assert report["method"] == method and report["engine"] == "transformers"
     assert report["gradient_checkpointing"] is True  # sft.gradient_checkpointing, on every method by default
-    assert report["steps"] == 6 and report["first_loss"] is not None
+    assert report["steps"] == 6 and sorted(curve(ws / "dvclive/sft", "train/loss")) == [1, 2, 3, 4, 5, 6]
     adapter = (ws / "models/sft/adapter_config.json").exists()
     assert adapter == (method in ("lora", "qlora"))
     model, tokenizer = load_for_inference(ws / "models/sft")
@@ -64,6 +65,87 @@ def test_every_method_trains_and_loads_with_plain_transformers(trained, method, 
     assert torch.isfinite(logits).all()
     if method == "qlora":  # the adapter is trained on the 4-bit base but loads onto the 16-bit one
         assert "Linear4bit" not in {type(m).__name__ for m in model.modules()}
+
+
+@pytest.mark.slow
+def test_dvclive_is_the_default_tracker_at_trainer_steps(trained):
+    """DVCLive (report_to: [dvclive], the default) logs loss, learning rate and grad norm at every trainer step into
+    dvclive/sft; metrics.json holds the last values, which `dvc metrics show` / `dvc exp show` read."""
+    ws, report = trained("lora")
+    live = ws / "dvclive/sft"
+    loss, lr, grad = (curve(live, f"train/{m}") for m in ("loss", "learning_rate", "grad_norm"))
+    assert list(loss) == list(lr) == list(grad) == [1, 2, 3, 4, 5, 6] == list(range(1, report["steps"] + 1))
+    assert len(set(loss.values())) > 1 and max(lr.values()) > lr[6] > 0  # real values: warmup, cosine decay
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == 6 and summary["train"]["loss"] == pytest.approx(loss[6])
+    assert "runtime" not in json.dumps(summary)  # timings differ every run: kept out of the compared metrics
+    assert not (live / "dvc.yaml").exists()  # the project's dvc.yaml declares the folder, DVCLive writes none
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows of an offline W&B run, from its .wandb transaction log (LevelDB log format: 7-byte
+    file header, 32 KiB blocks, records of crc32 / length / type headers carrying wandb's protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run_dir.glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, pending, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too short for a record header: padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_and_wandb_alongside_dvclive(tiny, tmp_path, monkeypatch):
+    """sft.trainer.report_to as TRL documents it, with W&B offline: each tracker read back from its own files
+    holds the same loss at the same trainer steps."""
+    pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
+    wandb = pytest.importorskip("wandb", reason="the dev extra installs wandb")
+    ws = workspace(tiny, tmp_path / "ws", {"sft": {"trainer": {**QUICK, "max_steps": 3,
+                                                               "report_to": ["dvclive", "tensorboard", "wandb"]}}})
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        run_sft(ws, monkeypatch)
+    finally:
+        wandb.finish()  # transformers leaves the run open after training
+    live = curve(ws / "dvclive/sft", "train/loss")
+    assert sorted(live) == [1, 2, 3]
+    [tb_run] = (ws / "runs/sft").iterdir()  # paths.tensorboard/sft/<run key>: outlives the run's checkpoints
+    assert tensorboard_scalars(tb_run, "train/loss") == pytest.approx(live, rel=1e-6)
+    [wb_run] = (tmp_path / "wandb").glob("offline-run-*")
+    wb = {row["train/global_step"]: row["train/loss"] for row in wandb_history(wb_run) if "train/loss" in row}
+    assert wb == pytest.approx(live, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_instead_of_dvclive(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
+    ws = workspace(tiny, tmp_path, {"sft": {"trainer": {**QUICK, "max_steps": 2, "report_to": ["tensorboard"]}}})
+    run_sft(ws, monkeypatch)
+    assert sorted(tensorboard_scalars(next((ws / "runs/sft").iterdir()), "train/loss")) == [1, 2]
+    # no DVCLive: the folder dvc.yaml declares holds no curves, and an empty metrics.json
+    assert [p.name for p in (ws / "dvclive/sft").iterdir()] == ["metrics.json"]
+    assert json.loads((ws / "dvclive/sft/metrics.json").read_text()) == {}
 
 
 @pytest.mark.slow

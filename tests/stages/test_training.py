@@ -8,7 +8,6 @@ from that checkpoint and that the loss curve matches an uninterrupted run's.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stages.common.config import TrainConfig, load_params
+from stages.common.io import InputError
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -27,10 +27,11 @@ from stages.common.training import (
     launch_command,
     relaunch_distributed,
     run_key,
+    trl_config,
 )
 from tests.repo import REDUCED, VENV_BIN, dvc, make_repo, stages_run
 from tests.repo import env as repo_env
-from tests.tiny import LOAD_ADAPTER, run_python, run_stage, workspace
+from tests.tiny import LOAD_ADAPTER, curve, run_python, run_stage, workspace
 
 
 def write(path: Path, text: str) -> Path:
@@ -100,6 +101,34 @@ def test_relaunch_is_a_no_op_for_one_process_or_inside_a_launch(monkeypatch):
     relaunch_distributed("stages.sft", TrainConfig(num_processes=2))  # already launched: train here
 
 
+# --- TRL's configs from params: the stage's keys, the user's keys, report_to -------------------------------
+
+def _sft_config(trainer: dict, tmp_path: Path):
+    from trl import SFTConfig
+
+    return trl_config(SFTConfig, "sft.trainer", trainer, output_dir=str(tmp_path), max_length=64, use_cpu=True)
+
+
+def test_trainer_keys_pass_through_to_trl_with_dvclive_by_default(tmp_path):
+    args = _sft_config({"weight_decay": 0.25, "optim": "adafactor", "bf16": None}, tmp_path)
+    assert args.weight_decay == 0.25 and args.optim == "adafactor"  # fields tuneforge never declares
+    assert args.report_to == ["dvclive"] and args.max_length == 64  # the default tracker; the stage's own key
+    assert args.bf16 is False and args.fp16 is False  # null = TRL's default, which on CPU is fp32 here
+    assert _sft_config({"report_to": ["tensorboard"]}, tmp_path).report_to == ["tensorboard"]  # instead
+    assert _sft_config({"report_to": "none"}, tmp_path).report_to == []
+
+
+@pytest.mark.parametrize(("trainer", "message"), [
+    ({"max_seq_length": 512}, r"sft\.trainer: .*unexpected keyword argument 'max_seq_length'"),  # not a TRL 1.x key
+    ({"eval_strategy": "sometimes"}, r"sft\.trainer: sometimes is not a valid IntervalStrategy"),
+    ({"report_to": ["nope"]}, r"sft\.trainer\.report_to: nope is not supported, only .*dvclive"),
+    ({"report_to": ["mlflow"]}, r"sft\.trainer\.report_to: mlflow is not installed here"),
+])
+def test_keys_trl_rejects_are_input_errors_naming_the_section(trainer, message, tmp_path):
+    with pytest.raises(InputError, match=rf"^params\.yaml: {message}"):
+        _sft_config(trainer, tmp_path)
+
+
 @pytest.mark.slow
 def test_checkpoints_of_other_data_or_params_are_never_resumed(tiny, tmp_path, monkeypatch):
     from stages import sft as sft_stage
@@ -144,8 +173,9 @@ def test_dpo_with_two_processes_under_accelerate_launch(tiny, tmp_path):
     report = json.loads((ws / "reports/dpo.json").read_text())
     assert report["processes"] == 2
     assert report["train_pairs"] == 24 and report["steps"] == 6  # 24 pairs / (batch 2 x 2 processes)
-    assert report["reference_logps"].startswith("stored")
+    assert report["ref_logps"].startswith("stored")
     assert out.count("dpo done") == 1  # only rank 0 reports
+    assert sorted(curve(ws / "dvclive/dpo", "train/loss")) == [1, 2, 3, 4, 5, 6]  # rank 0 alone logs, once a step
     assert (ws / "models/dpo/adapter_config.json").exists()
 
 
@@ -169,11 +199,6 @@ def repo(tmp_path_factory):
     path = make_repo(tmp_path_factory.mktemp("resume") / "repo", RESUME)
     dvc("repro", "format", cwd=path)
     return path
-
-
-def losses(path: Path) -> dict[int, float]:
-    with path.open() as fh:
-        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(fh)}
 
 
 def kill_after_first_checkpoint(repo: Path, stage: str, timeout: float = 600) -> int:
@@ -203,7 +228,7 @@ def kill_after_first_checkpoint(repo: Path, stage: str, timeout: float = 600) ->
 def check_resume(repo: Path, stage: str) -> None:
     """A run killed mid-way then `dvc repro` again resumes; its loss curve matches an uninterrupted run's."""
     report = repo / f"reports/{stage}.json"
-    curve = repo / f"reports/{stage}_loss.csv"
+    live = repo / f"dvclive/{stage}"  # DVCLive's curve: a resumed run logs its checkpoint's history first
     killed_at = kill_after_first_checkpoint(repo, stage)
     assert killed_at > 0
     assert not (repo / f"models/{stage}/tuneforge.json").exists()  # the killed run wrote no output
@@ -214,13 +239,13 @@ def check_resume(repo: Path, stage: str) -> None:
     assert "resuming from" in text and f"checkpoint-{killed_at}" in text, text[-3000:]
     if stage == "sft":  # dpo's report is owned by stages/dpo.py
         assert json.loads(report.read_text())["resumed_from_step"] == killed_at
-    resumed = losses(curve)
+    resumed = curve(live, "train/loss")
     assert "up to date" in dvc("status", stage, cwd=repo).stdout
 
     shutil.rmtree(repo / "checkpoints" / stage, ignore_errors=True)  # (a finished sft run already did)
     out = dvc("repro", "-f", "-s", stage, cwd=repo)  # uninterrupted, from scratch (-f: no run-cache)
     assert "resuming from" not in out.stdout + out.stderr
-    reference = losses(curve)
+    reference = curve(live, "train/loss")
     assert len(reference) >= 8 and killed_at < max(reference)
     assert resumed.keys() == reference.keys()
     for step, loss in reference.items():
@@ -294,12 +319,3 @@ def test_trl_dpo_sees_the_tokens_format_checked(adds_bos, tmp_path):
                            train_dataset=Dataset.from_list(rows))
         assert plain.train_dataset[0]["prompt_ids"][:2] == [tok.bos_token_id] * 2
 
-
-def test_gradient_checkpointing_is_the_stage_param_not_a_trainer_key():
-    from stages.common.io import InputError
-    from stages.common.training import trl_args
-
-    assert trl_args({"learning_rate": 1e-3}, "sft", False)["gradient_checkpointing"] is False
-    assert trl_args({}, "dpo", True)["gradient_checkpointing"] is True
-    with pytest.raises(InputError, match=r"sft\.trainer\.gradient_checkpointing: set sft\.gradient_checkpointing"):
-        trl_args({"gradient_checkpointing": True}, "sft", True)

@@ -332,6 +332,41 @@ def test_stage_writes_clean_data_and_reports(tmp_path, tokenizer):
     assert result.report == report
 
 
+def test_each_user_file_chooses_its_system_prompt(tmp_path, tokenizer):
+    """data.sources[].system_prompt: persona (default) | none | "<text>"; a row's own system turn is kept."""
+    params = _params(tmp_path, tokenizer, [
+        {"path": str(FIXTURES / "sharegpt.jsonl"), "kind": "sft"},
+        {"path": str(FIXTURES / "openai.jsonl"), "kind": "sft", "system_prompt": "none"},
+        {"path": str(FIXTURES / "alpaca.json"), "kind": "sft", "system_prompt": "Answer in one line."},
+        {"path": str(FIXTURES / "preference.jsonl"), "kind": "dpo"},
+    ], eval_fraction=0.2)
+    persona = f"You are {params.generate.persona.name}. {params.generate.persona.description}"
+    result = run(params)
+    assert result.rejects == []
+    first = {}
+    for r in result.sft_train + result.sft_eval:
+        first.setdefault(Path(r["source"]).name, []).append(r["messages"][0])
+    for r in result.dpo_train + result.dpo_eval:
+        first.setdefault(Path(r["source"]).name, []).append(r["prompt"][0])
+
+    def system(name):
+        return sorted(m["content"] if m["role"] == "system" else "-" for m in first[name])
+
+    assert system("sharegpt.jsonl") == sorted([persona, "You are a cold strategist."])
+    assert system("openai.jsonl") == ["-", "Answer briefly and without sentiment."]
+    assert system("alpaca.json") == sorted(["Answer in one line.", "Answer in one line.", "You are terse."])
+    assert system("preference.jsonl") == sorted([persona, "You are terse."])
+    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    assert report["sources"][str(FIXTURES / "alpaca.json")]["system_prompt"] == "Answer in one line."
+    assert report["sources"][str(FIXTURES / "sharegpt.jsonl")]["system_prompt"] == "persona"
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| source "))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["source", "format", "system prompt", "seen", "kept",
+                                                                "rejected"]
+    alpaca = next(line for line in md.splitlines() if "alpaca.json" in line)
+    assert [c.strip() for c in alpaca.strip("|").split("|")][1:] == ["alpaca", "Answer in one line.", "3", "3", "0"]
+
+
 def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
     raw_dir = tmp_path / "data" / "raw"
     raw_dir.mkdir(parents=True)
@@ -344,7 +379,13 @@ def test_stage_fails_when_reject_share_exceeds_threshold(tmp_path, tokenizer):
         run(params)
     rejects = (tmp_path / "data" / "clean" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 5  # written before failing, for inspection
-    assert "### refusal (3)" in (tmp_path / "reports" / "validation.md").read_text()
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    assert "### refusal (3)" in md
+    # rejects by source (one row per file) and reason (one column each)
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| rejected from "))
+    assert [c.strip() for c in lines[at].strip("|").split("|")] == ["rejected from", "injection", "refusal"]
+    assert [c.strip() for c in lines[at + 2].strip("|").split("|")][1:] == ["2", "3"]
 
 
 @pytest.mark.slow
@@ -362,3 +403,88 @@ def test_semantic_dedup_with_bundled_minilm(tokenizer):
     cfg = CFG.model_copy(update={"semantic_dedup": True, "semantic_threshold": 0.85})
     result = run_validate(rows, tokenizer, cfg)
     assert [(r["line"], r["reason"]) for r in result.rejects] == [(2, "semantic_duplicate")]
+
+
+# ------------------------------------------------------------------ held-out routing and contamination
+
+
+def test_heldout_metadata_and_pinned_files_decide_the_split(tokenizer):
+    from stages.common.config import HeldoutConfig
+    from stages.common.splits import heldout_subtopic
+
+    cfg = HeldoutConfig()
+    held = next(f"topic {i}" for i in range(100) if heldout_subtopic(f"topic {i}", cfg))
+    kept = next(f"topic {i}" for i in range(100) if not heldout_subtopic(f"topic {i}", cfg))
+    rows = raw([sft_row(i, meta={"subtopic": held if i < 3 else kept}) for i in range(20)])
+    rows += raw([sft_row(100 + i) for i in range(4)], source="mine.jsonl")
+    result = validate(rows, CFG, token_counter(tokenizer, CFG.max_tokens), heldout=cfg,
+                      pins={"mine.jsonl": "heldout"})
+    assert sorted(r["id"] for r in result.sft_heldout) == ["s0", "s1", "s100", "s101", "s102", "s103", "s2"]
+    assert all(r["meta"]["subtopic"] == kept for r in result.sft_train + result.sft_eval)  # meta travels on
+    assert result.sft_eval and result.report["split"]["sft_heldout"] == 7
+
+
+def _contamination_rows(tokenizer):
+    """Generated train rows, and a user file pinned to eval with a planted duplicate, a planted 13-gram and
+    rows that share nothing long; plus a pretraining text duplicated into eval."""
+    rng = random.Random(11)
+    train = [sft_row(i, answer=sentence(rng, 30)) for i in range(30)]
+    copied = train[4]["messages"][1]["content"].rstrip(".").split()[5:]
+
+    def words_for(tokens: int) -> str:  # the fewest copied words that make at least this many tokens
+        k = next(k for k in range(1, len(copied)) if len(tokenizer(" " + " ".join(copied[:k]))["input_ids"]) >= tokens)
+        return " ".join(copied[:k])
+
+    pretraining = [("data/base_corpus/corpus.jsonl", sentence(rng, 40))]
+    user = [
+        dpo_row(1) | {"id": "dup", "chosen": train[3]["messages"][1]["content"]},  # a training answer, verbatim
+        sft_row(201, answer="Zebra quartz. " + words_for(13) + " zebra quartz."),  # a copied 13-gram (tokens)
+        sft_row(202, answer="Zebra quartz. " + words_for(8) + " zebra quartz."),  # 8 tokens: not flagged
+        sft_row(203, answer="Zebra " + pretraining[0][1] + " Quartz."),  # the base's corpus, duplicated
+        sft_row(204), sft_row(205),
+    ]
+    rows = raw(train, source="data/raw/sft.jsonl") + raw(user[:1], kind="dpo", fmt="preference", source="user.jsonl")
+    rows += raw(user[1:], source="user_sft.jsonl")
+    return rows, pretraining
+
+
+def test_contamination_report_catches_a_planted_duplicate_and_a_13gram(tokenizer):
+    rows, pretraining = _contamination_rows(tokenizer)
+    pins = {"user.jsonl": "eval", "user_sft.jsonl": "eval"}
+    cfg = CFG.model_copy(update={"eval_fraction": 0.1})
+    result = validate(rows, cfg, token_counter(tokenizer, cfg.max_tokens), tokenizer=tokenizer, pins=pins,
+                      pretraining=pretraining)
+    by_id = {r["id"]: r for r in result.contamination}
+    assert {"dup", "s201", "s202", "s203"} <= set(by_id)
+    assert by_id["dup"]["flagged"] and by_id["dup"]["longest"] >= 30
+    assert (by_id["dup"]["matched_source"], by_id["dup"]["matched_id"]) == ("test", "s3")
+    assert by_id["s201"]["flagged"] and 13 <= by_id["s201"]["longest"] <= 13 + 6
+    assert by_id["s203"]["flagged"] and by_id["s203"]["matched_source"] == "data/base_corpus/corpus.jsonl"
+    assert not by_id["s202"]["flagged"] and by_id["s202"]["longest"] < 13
+    assert not by_id["s204"]["flagged"]
+    flagged = sum(r["flagged"] for r in result.contamination if r["split"] == "eval")
+    stats = result.report["contamination"]["splits"]["eval"]
+    assert stats["flagged"] == flagged == 3 and stats["flagged_share"] == pytest.approx(3 / stats["rows"], abs=1e-6)
+
+
+def test_stage_fails_above_max_contamination_naming_rows(tmp_path, tokenizer):
+    from stages.validate import ContaminationError
+
+    rows, pretraining = _contamination_rows(tokenizer)
+    raw_dir = tmp_path / "data" / "raw"
+    raw_dir.mkdir(parents=True)
+    (raw_dir / "sft.jsonl").write_text("\n".join(json.dumps(r.obj) for r in rows if r.source.endswith("raw/sft.jsonl")))
+    user = tmp_path / "user.jsonl"
+    user.write_text("\n".join(json.dumps(r.obj) for r in rows if r.source == "user_sft.jsonl"))
+    corpus = tmp_path / "data" / "base_corpus" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text(json.dumps({"id": "doc-0", "kind": "document", "text": pretraining[0][1]}) + "\n")
+    # system_prompt none: the persona's system turn would push the long planted row s203 past validate.max_tokens
+    sources = [{"path": str(user), "kind": "sft", "format": "openai", "split": "eval", "system_prompt": "none"}]
+    params = _params(tmp_path, tokenizer, sources, max_contamination={"eval": 0.2, "heldout": 0.0})
+    with pytest.raises(ContaminationError, match=r"2 of \d+ eval rows .* share a 13-gram .*s201 .*s203"):
+        run(params)
+    written = [json.loads(line) for line in (tmp_path / "data/clean/contamination.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in written if r["flagged"]} == {"s201", "s203"}  # written before failing
+    assert "## Contamination" in (tmp_path / "reports" / "validation.md").read_text()
+    run(_params(tmp_path, tokenizer, sources, max_contamination={"eval": 0.5, "heldout": 0.0}))  # under it: passes
