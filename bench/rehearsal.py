@@ -41,8 +41,8 @@ from stages.common import memory  # noqa: E402
 from stages.common.config import deep_merge  # noqa: E402
 
 PRESET = ROOT / "presets" / "rehearsal-8b-shapes.yaml"
-STAGES = ("base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate")
-MODEL_STAGES = ("sft", "merge", "reference", "dpo", "evaluate")
+STAGES = ("base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export")
+MODEL_STAGES = ("sft", "merge", "reference", "dpo", "evaluate", "export")
 HEAVY_IMPORTS = "import torch, transformers, peft, trl, datasets, accelerate, bitsandbytes, stages.common.engine"
 STAGE_IMPORTS = {"base": "import torch; from transformers import Trainer; import stages.base",
                  "generate": "import stages.generate",
@@ -66,17 +66,20 @@ def long_conversations(n_sft: int, n_dpo: int, words: int, seed: int) -> tuple[l
     """Multi-turn conversations of about `words` words in the persona's style (user files, `openai` and
     `preference` formats): each turn carries its own seeded notes, so no two conversations are near-duplicates."""
     from stages.common import offline
+    from stages.common.config import HeldoutConfig
 
+    cfg = HeldoutConfig()
+    persona, generic = offline.builtin_persona(), offline.generic_register()
     rng = random.Random(seed)
-    questions = offline.question_grid(list(offline.SUBTOPICS), seed=seed)
-    vocab = sorted({w for t in offline.persona_text_sample(200, seed) for w in t.split()})
+    questions = offline.questions(list(offline.SUBTOPICS), 400, seed, cfg)
+    vocab = sorted({w for t in offline.sample_answers(persona, 200, seed, cfg) for w in t.split()})
 
     def turns(k: int, budget: int) -> list[dict[str, str]]:
         out, used = [], 0
         while used < budget:
             q = questions[(k * 97 + len(out)) % len(questions)]
             notes = " ".join(rng.choice(vocab) for _ in range(90))
-            answer = offline.persona_answer(q, seed + k * 31 + len(out))
+            answer = offline.answer(persona, q, seed + k * 31 + len(out), cfg)[0]
             out += [{"role": "user", "content": f"Notes {k}.{len(out)}: {notes}\n{q.text}"},
                     {"role": "assistant", "content": answer}]
             used += 90 + len(q.text.split()) + len(answer.split())
@@ -87,8 +90,8 @@ def long_conversations(n_sft: int, n_dpo: int, words: int, seed: int) -> tuple[l
     for k in range(n_dpo):
         conv = turns(1000 + k, words)
         q = questions[(k * 13 + 7) % len(questions)]
-        dpo.append({"id": f"long-dpo-{k}", "prompt": [*conv[:-1]], "chosen": offline.persona_answer(q, k),
-                    "rejected": offline.generic_answer(q, k)})
+        dpo.append({"id": f"long-dpo-{k}", "prompt": [*conv[:-1]], "chosen": offline.answer(persona, q, k, cfg)[0],
+                    "rejected": offline.answer(generic, q, k, cfg)[0]})
     return sft, dpo
 
 
@@ -169,7 +172,9 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float, device:
     # base: the tiny pretraining, batches of base.batch_size rows padded to the longest
     from stages.common import offline
 
-    corpus = [tok.apply_chat_template(c, tokenize=False) for c in offline.generic_corpus(p.base.corpus_size, p.base.seed)]
+    register = offline.load_register(p.generate.persona.offline) if p.generate.persona.offline else None
+    rows = offline.base_corpus(p.base.corpus_size, p.base.seed, p.heldout, register, p.base.documents)
+    corpus = [tok.apply_chat_template(r.messages, tokenize=False) if r.kind == "chat" else r.text for r in rows]
     width = min(max_len, max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in corpus))
     if p.model.is_tiny:
         out["base"] = memory.pretrain(shape, rows=p.base.batch_size, width=width, runtime=runtime)
@@ -212,7 +217,8 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float, device:
                                  gradient_checkpointing=p.dpo.gradient_checkpointing, runtime=runtime)
 
     ev = p.evaluate
-    eval_pairs = _jsonl(fmt / "dpo_eval.jsonl")[: ev.max_pairs]
+    eval_pairs = [r for split in ("dpo_eval", "dpo_heldout") if (fmt / f"{split}.jsonl").exists()  # both splits
+                  for r in _jsonl(fmt / f"{split}.jsonl")[: ev.max_pairs]]
     enc = [encode_pairs(tok, [r["prompt"]], [r["chosen"]])[0] for r in eval_pairs]
     pw = sorted((len(e.input_ids) for e in enc), reverse=True)
     pair_tokens = max(n * pw[sum(b[:i])] for b in [memory.rows_for_tokens(pw, ev.tokens_per_batch, ev.batch_size)]
@@ -221,6 +227,13 @@ def predictions(workspace: Path, params: dict[str, Any], runtime: float, device:
     gen_tokens = memory.rows_within(ev.tokens_per_batch, gen_width, ev.batch_size) * gen_width if ev.samples else 0
     out["evaluate"] = memory.evaluate(shape, dtype=dtype, device=device, pair_tokens=pair_tokens,
                                       generate_tokens=gen_tokens, lora_params=lora8, runtime=runtime)
+
+    ex = p.export  # greedy answers to the first export.samples prompts of formatted dpo_eval, one at a time
+    prompts_ex = _jsonl(fmt / "dpo_eval.jsonl")[: ex.samples]
+    ex_tokens = max(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in prompts_ex) + ex.max_new_tokens
+    ex_dtype = dtype if ex.dtype == "auto" else ex.dtype
+    out["export"] = memory.export(shape, dtype=ex_dtype, device=device, tokens=ex_tokens, lora_params=lora8,
+                                  runtime=runtime)
     return out
 
 
@@ -337,8 +350,11 @@ REDUCED: dict[str, Any] = {
     "merge": {"held_out": 8},
     "evaluate": {"max_pairs": 8, "max_sft_examples": 8, "samples": 1, "style_prompts": 0, "max_new_tokens": 16,
                  "embedding": "tfidf", "gates": {"dpo_margin_above_sft": False, "sft_margin_above_base": False,
-                                                  "sft_max_ppl_ratio": None, "dpo_max_ppl_ratio": None,
-                                                  "min_dpo_accuracy": None}},
+                                                  "base_margin_below_zero": False, "style_above_base": False,
+                                                  "dpo_max_style_drop": None, "mention_at_least_base": False,
+                                                  "dpo_max_repetition_rise": None, "sft_max_ppl_ratio": None,
+                                                  "dpo_max_ppl_ratio": None, "min_dpo_accuracy": None}},
+    "export": {"gguf": [], "samples": 1, "max_new_tokens": 16},
 }
 # On CUDA each stage reports torch's peak device memory when it exits
 CUDA_STAGE = ("import atexit, runpy, sys, torch\n"

@@ -292,6 +292,18 @@ def evaluate(shape: ModelShape, *, dtype: str, device: str, pair_tokens: int, ge
                      settings=f"{dtype}, {pair_tokens} tokens per log-prob batch, {generate_tokens} generating")
 
 
+def export(shape: ModelShape, *, dtype: str, device: str, tokens: int, lora_params: int,
+           runtime: float | None = None) -> Prediction:
+    """export: models/dpo (sft-merged in fp32 + the DPO adapter) answers the samples greedily (`tokens` = prompt +
+    answer of the longest), is merged in fp32 and saved in `export.dtype`; the saved model is loaded again for its
+    check while the merged one is still resident, so two models are held at the peak."""
+    return inference("export", shape, dtype="float32", tokens=tokens, device=device, kv_tokens=tokens,
+                     runtime=runtime, extra={"adapter": lora_params * 4,
+                                             "weights of the saved model (reloaded for its check)":
+                                                 weight_bytes(shape, dtype)},
+                     settings=f"fp32 merge, saved and checked in {dtype}, {tokens} tokens generating")
+
+
 def pretrain(shape: ModelShape, *, rows: int, width: int, runtime: float | None = None) -> Prediction:
     """The `base` stage's tiny pretraining (CPU, fp32, full training with transformers' Trainer, which computes
     the loss from full logits: logits, their log-softmax and both gradients, 4 x rows x width x vocab x 4 bytes)."""
@@ -365,6 +377,9 @@ def recipe_options(max_seq_length: int = 2048) -> list[Option]:
         Option("evaluate", "bf16, tokens_per_batch 32,768",
                evaluate(s, dtype="bfloat16", device=dev, pair_tokens=32768, generate_tokens=32768,
                         lora_params=lora8)),
+        # export as it landed (#15): models/dpo loaded in fp32 on the device, merged, saved in bf16, reloaded
+        Option("export", "fp32 merge on the device (as export runs now), bf16 saved and reloaded",
+               export(s, dtype="bfloat16", device=dev, tokens=2 * 1024, lora_params=lora8)),
     ]
     return out
 

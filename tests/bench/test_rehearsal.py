@@ -49,7 +49,7 @@ def test_rehearsal_workspace_params_load_with_long_user_conversations(tmp_path):
 
 def test_the_8b_table_covers_every_model_stage_on_three_gpus():
     text, rows = rehearsal.gpu_table()
-    assert {r["stage"] for r in rows} == {"sft", "merge", "reference", "dpo", "evaluate"}
+    assert {r["stage"] for r in rows} == {"sft", "merge", "reference", "dpo", "evaluate", "export"}
     assert all(set(r["fits"]) == {"24", "48", "80"} for r in rows) and "24 GB" in text
 
 

@@ -180,7 +180,7 @@ def test_changing_model_revision_reruns_the_pipeline_from_base(hub_cache, tmp_pa
 def llama31():
     from stages.base import build_llama31_tokenizer
 
-    texts = [m["content"] for conv in offline.generic_corpus(60, seed=0) for m in conv]
+    texts = offline.corpus_texts(offline.base_corpus(60, 0, HeldoutConfig(), offline.builtin_persona()))
     return build_llama31_tokenizer(texts, 128256)
 
 
