@@ -109,6 +109,9 @@ def prepare(workspace: Path, overrides: dict[str, Any] | None = None, long_rows:
         {"path": "data/user/long_sft.jsonl", "kind": "sft", "format": "openai"},
         {"path": "data/user/long_dpo.jsonl", "kind": "dpo", "format": "preference"}]}})
     params = deep_merge(params, overrides or {})
+    persona = params.get("generate", {}).get("persona", {})
+    if persona.get("offline") and not Path(persona["offline"]).is_absolute():  # the repo's register files
+        persona["offline"] = str(ROOT / persona["offline"])
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
