@@ -96,7 +96,7 @@ def long_conversations(n_sft: int, n_dpo: int, words: int, seed: int) -> tuple[l
 
 
 def prepare(workspace: Path, overrides: dict[str, Any] | None = None, long_rows: tuple[int, int] = (8, 8),
-            words: int = 1000, preset: Path = PRESET) -> dict[str, Any]:
+            words: int = 650, preset: Path = PRESET) -> dict[str, Any]:
     """params.yaml (repo + preset + long user files + overrides) and data/user/ in `workspace`."""
     workspace.mkdir(parents=True, exist_ok=True)
     sft, dpo = long_conversations(*long_rows, words=words, seed=7)

@@ -118,7 +118,7 @@ def build_llama31_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedToke
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|finetune_right_pad_id|>", clean_up_tokenization_spaces=True)
+                                   pad_token="<|finetune_right_pad_id|>", clean_up_tokenization_spaces=False)
     fast.chat_template = llama31_chat_template()
     log.info("llama-3.1 tokenizer: %d trained BPE tokens, %d reserved, %d special (vocab %d)", trained,
              n_bpe - trained, len(LLAMA31_SPECIAL_TOKENS), vocab_size)
