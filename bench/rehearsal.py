@@ -71,7 +71,8 @@ def long_conversations(n_sft: int, n_dpo: int, words: int, seed: int) -> tuple[l
     cfg = HeldoutConfig()
     persona, generic = offline.builtin_persona(), offline.generic_register()
     rng = random.Random(seed)
-    questions = offline.questions(list(offline.SUBTOPICS), 400, seed, cfg)
+    # training subtopics and frames only: these rows go to train and eval, and must not contaminate heldout
+    questions = offline.questions(list(offline.SUBTOPICS), 400, seed, cfg, include_heldout=False)
     vocab = sorted({w for t in offline.sample_answers(persona, 200, seed, cfg) for w in t.split()})
 
     def turns(k: int, budget: int) -> list[dict[str, str]]:

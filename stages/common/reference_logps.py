@@ -3,9 +3,10 @@ them, what identifies them, and reading them back after checking they belong to 
 
 The reference model is sft-merged: `dpo` trains a fresh LoRA adapter on it, and TRL's reference forward is that
 policy with the adapter disabled. The log-probs are stored per pair in `paths.reference_logps`, with a
-`tuneforge.json` that records sft-merged's content hash, the data digests, the engine, the truncation length
-and the precision they were computed under. Each is a DVC dep or param of `reference` (the engine through
-sft-merged's own record, the precision through `dpo.trainer.bf16` / `fp16`), so DVC reruns it when one changes.
+`tuneforge.json` that records sft-merged's content hash, the data digests, the engine, the truncation length,
+the precision and the quantization (`dpo.quantization`: NF4 after a QLoRA SFT) they were computed under. Each is
+a DVC dep or param of `reference` (the engine through sft-merged's own record, the precision through
+`dpo.trainer.bf16` / `fp16`), so DVC reruns it when one changes.
 """
 
 from __future__ import annotations
