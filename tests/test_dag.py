@@ -10,6 +10,7 @@ from tests.browser import colour_share, marks, render
 from tests.repo import dvc, make_repo, run, set_params, stages_run
 
 ALL = ["base", "generate", "validate", "format", "sft", "merge", "reference", "dpo", "evaluate", "export"]
+SPLITS = ("eval", "heldout")  # evaluate scores both; margins.csv has a row per split and model
 
 pytestmark = pytest.mark.slow
 
@@ -88,10 +89,11 @@ def test_plots_show_draws_every_curve_offline_in_chromium(repo, tmp_path):
     assert set(split) == {"train", "eval"}  # both on one chart
     steps = [int(row["step"]) for row, s in zip(sft_loss, split, strict=True) if s == "train"]
     assert steps == sorted(steps) and len(steps) >= 10
-    margins = {row["model"]: float(row["reward_margin"]) for row in plot_data(shown, "reports/margins.csv")}
-    assert margins == pytest.approx({m: v["reward_margin"] for m, v in
-                                     json.loads((repo / "reports/eval.json").read_text()).items()
-                                     if m in ("base", "sft", "dpo")}, abs=1e-5)
+    margins = {(row["split"], row["model"]): float(row["reward_margin"])
+               for row in plot_data(shown, "reports/margins.csv")}
+    evaluated = json.loads((repo / "reports/eval.json").read_text())
+    assert margins == pytest.approx({(split, m): evaluated[split][m]["reward_margin"]
+                                     for split in SPLITS for m in ("base", "sft", "dpo")}, abs=1e-5)
 
     dvc("plots", "show", cwd=repo)  # the page, from .dvc/config's plots.html_template
     page = repo / "dvc_plots" / "index.html"
@@ -100,7 +102,8 @@ def test_plots_show_draws_every_curve_offline_in_chromium(repo, tmp_path):
     drawn = marks(dom)
     assert len(drawn) == len(CURVES) + 1 and all(drawn.values()), {k: len(v) for k, v in drawn.items()}
     bars = drawn["reports_margins_csv"]
-    assert sorted(b["label"].split("model: ")[1].split(";")[0] for b in bars) == ["base", "dpo", "sft"]
+    assert sorted(b["label"].split("model: ")[1].split(";")[0] for b in bars) == sorted(
+        ["base", "dpo", "sft"] * len(SPLITS))  # one bar per model in each split's row
     for chart, found in drawn.items():
         if chart != "reports_margins_csv":
             assert any(m["mark"] == "line" for m in found), chart
@@ -143,4 +146,5 @@ def test_plots_diff_of_two_experiments_shows_both_curves(experiment, tmp_path):
     drawn = marks(render(tmp_path / "diff" / "index.html", tmp_path / "chromium")[0])
     assert all(drawn.values()) and len(drawn) == len(CURVES) + 1
     bars = [b["label"] for b in drawn["reports_margins_csv"]]
-    assert len(bars) == 6 and sum("rev: plain-template" in b for b in bars) == 3  # 3 models x 2 experiments
+    # 3 models x 2 splits x 2 experiments
+    assert len(bars) == 12 and sum("rev: plain-template" in b for b in bars) == 6

@@ -81,16 +81,17 @@ def rerun_after(repo: Path, params: dict | None = None, files: dict[str, str] | 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("change", "expected"), [
-    ({"params": {"dpo": {"beta": 0.05}}}, ["dpo", "evaluate"]),  # the stored reference log-probs are reused
-    ({"params": {"dpo": {"trainer": {"learning_rate": 1e-4}}}}, ["dpo"]),
+    # export reads the model, and the card records the recipe (model, sft, dpo): each of these reruns it too
+    ({"params": {"dpo": {"beta": 0.05}}}, ["dpo", "evaluate", "export"]),  # the stored reference log-probs are reused
+    ({"params": {"dpo": {"trainer": {"learning_rate": 1e-4}}}}, ["dpo", "export"]),
     # every setting dpo checks the stored log-probs against reruns `reference`: precision ...
-    ({"params": {"dpo": {"trainer": {"bf16": True}}}}, ["dpo", "reference"]),
-    ({"params": {"dpo": {"trainer": {"fp16": True}}}}, ["dpo", "reference"]),
-    ({"params": {"model": {"max_seq_length": 128}}}, ["base", "dpo", "format", "reference", "sft"]),  # truncation
+    ({"params": {"dpo": {"trainer": {"bf16": True}}}}, ["dpo", "export", "reference"]),
+    ({"params": {"dpo": {"trainer": {"fp16": True}}}}, ["dpo", "export", "reference"]),
+    ({"params": {"model": {"max_seq_length": 128}}}, ["base", "dpo", "export", "format", "reference", "sft"]),  # truncation
     # ... and the engine: sft-merged records the one sft trained with (installing unsloth alone changes nothing)
     ({"files": {"models/sft-merged/tuneforge.json": '{"engine": "unsloth"}'}},
-     ["dpo", "evaluate", "merge", "reference"]),
-    ({"params": {"sft": {"engine": "transformers"}}}, ["dpo", "reference", "sft"]),
+     ["dpo", "evaluate", "export", "merge", "reference"]),
+    ({"params": {"sft": {"engine": "transformers"}}}, ["dpo", "export", "reference", "sft"]),
     # inputs a stage does not read are not its deps: new DPO pairs never retrain sft
     ({"files": {"data/formatted/dpo_train.jsonl": '{"id": "new"}\n'}}, ["dpo", "evaluate", "format", "reference"]),
     ({"files": {"data/formatted/sft_train.jsonl": '{"id": "new"}\n'}}, ["evaluate", "format", "sft"]),

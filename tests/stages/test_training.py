@@ -209,11 +209,13 @@ def kill_after_first_checkpoint(repo: Path, stage: str, timeout: float = 600) ->
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            done = sorted((repo / "checkpoints" / stage).glob("*/checkpoint-*/trainer_state.json"))
-            if done:
+            if sorted((repo / "checkpoints" / stage).glob("*/checkpoint-*/trainer_state.json")):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return json.loads(done[0].read_text())["global_step"]
+                # the newest complete checkpoint once the run is dead: a fast run may have saved (and rotated)
+                # more between the poll and the kill, and the resume picks the newest
+                done = (repo / "checkpoints" / stage).glob("*/checkpoint-*/trainer_state.json")
+                return max(json.loads(p.read_text())["global_step"] for p in done)
             if proc.poll() is not None:
                 raise AssertionError(f"{stage} ended before a checkpoint appeared:\n"
                                      f"{(repo / f'killed-{stage}.log').read_text()[-3000:]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_a_stage_run_prints_no_harmless_noise_but_real_warnings(tmp_path):
     data["base"].update(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=1,
                         num_kv_heads=1, corpus_size=8, epochs=1, batch_size=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    shutil.copytree(ROOT / "stages/registers", tmp_path / "stages/registers")  # params name them from the repo root
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", STAGE], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
