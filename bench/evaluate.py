@@ -9,26 +9,37 @@ pairs/second for
 - `separate`: `logprobs.response_logprobs` on chosen, then on rejected (batched, each prompt twice);
 - `one_at_a_time`: `logprobs.oracle_response_logprobs`, one unpadded sequence per forward pass;
 
-the speed-ups, and a roofline bound: the time the pair path's matrix multiplies alone would take at this
-machine's measured fp32 GEMM rate (2048x2048), i.e. the most any fp32 implementation computing the same
-model can gain over the one-at-a-time oracle here. The goal of the evaluation issue is >= 4x.
+- `trl_evaluate`: TRL's own `DPOTrainer.evaluate()` on the same pairs and model with precomputed reference
+  log-probs (what a user would otherwise run), its per-pair policy log-probs recorded from the values it logs;
 
-    python -m bench.evaluate [--pairs 64] [--batch-size 16] [--threads N] [--repeats 5] [--device cpu|cuda]
+the speed-ups, how much each path raises the process's peak RSS (Linux VmHWM, reset before each run), and a
+roofline bound: the time the pair path's matrix multiplies alone would take at this machine's measured fp32
+GEMM rate (2048x2048), i.e. the most any fp32 implementation computing the same model can gain over the
+one-at-a-time oracle here. The goal of the evaluation issue is >= 4x.
+`--shape rehearsal` builds the model of presets/rehearsal-8b-shapes.yaml instead (Llama-3.1-8B's 128,256-token
+vocabulary and tokenizer shape, hidden 256): there the LM head dominates the cost.
+
+    python -m bench.evaluate [--shape tiny|rehearsal] [--pairs 64] [--batch-size 16] [--threads N] [--repeats 5]
+                             [--device cpu|cuda] [--no-trl]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.base import build_model, build_tokenizer
+from stages.base import build_llama31_tokenizer, build_model, build_tokenizer
 from stages.common import offline
-from stages.common.config import load_params
+from stages.common.config import PARAMS_FILE, deep_merge, load_params, parse_params, read_yaml
 from stages.common.logprobs import (
     common_prefix,
     encode_pairs,
@@ -40,6 +51,8 @@ from stages.common.templates import LLAMA3
 from stages.format import render_dpo
 from stages.generate import generate_offline
 
+REHEARSAL = Path(__file__).resolve().parents[1] / "presets" / "rehearsal-8b-shapes.yaml"
+
 
 def held_out_pairs(n: int, tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
     """N DPO pairs as the default pipeline renders them, every one with the persona system prompt (the
@@ -50,18 +63,91 @@ def held_out_pairs(n: int, tokenizer: Any) -> tuple[list[str], list[str], list[s
     return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
 
 
-def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def _kb(key: str) -> int:
+    import re
+
+    try:
+        return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):  # not Linux
+        return 0
+
+
+def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Best wall time of each, interleaved run by run (the machine is shared: the minimum is the least
-    disturbed run, and interleaving spreads any slow spell over all of them)."""
+    disturbed run, and interleaving spreads any slow spell over all of them), and the most each run raised the
+    process's peak RSS above what it held before it (MB; Linux only)."""
     best = dict.fromkeys(fns, float("inf"))
+    peak = dict.fromkeys(fns, 0.0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            gc.collect()
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the current RSS
+            except OSError:
+                pass
+            before = _kb("VmRSS")
             start = time.perf_counter()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            peak[name] = max(peak[name], round((_kb("VmHWM") - before) / 1024, 1))
+    return best, peak
+
+
+class TrlEvaluate:
+    """TRL's `DPOTrainer.evaluate()` on the pairs with precomputed reference log-probs (as the `dpo` stage hands
+    them to TRL), recording the per-pair policy log-probs TRL logs as logps/chosen and logps/rejected."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompts, chosen, rejected, batch_size: int, device: str):
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        from stages.common.engine import use_torch_logprob_without_cuda
+        from stages.common.training import trl_text_rows
+
+        use_torch_logprob_without_cuda()
+        rows = [{"prompt": p, "chosen": c, "rejected": r, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
+                for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+        self.tmp = tempfile.mkdtemp(prefix="bench-trl-eval-")
+        args = DPOConfig(output_dir=self.tmp, per_device_eval_batch_size=batch_size, max_length=None, report_to=[],
+                         use_cpu=device == "cpu", bf16=False, disable_tqdm=True, dataloader_drop_last=False)
+        # a reference model object so TRL looks for none on the hub; it never runs (precomputed log-probs)
+        self.trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=tokenizer,
+                                  train_dataset=Dataset.from_list(trl_text_rows(tokenizer, rows[:1])),
+                                  eval_dataset=Dataset.from_list(trl_text_rows(tokenizer, rows)))
+        self.trainer.precompute_ref_logps = True  # read the reference columns, as `dpo` does
+        from transformers.trainer_callback import PrinterCallback
+
+        self.trainer.remove_callback(PrinterCallback)  # stdout is the benchmark's JSON
+        self.gathered: list[torch.Tensor] = []
+        gather = self.trainer.accelerator.gather
+
+        def recording(tensor):
+            self.gathered.append(tensor.detach().float().cpu())
+            return gather(tensor)
+
+        self.trainer.accelerator.gather = recording
+
+    def __call__(self) -> dict[str, float]:
+        self.gathered.clear()
+        self.metrics = self.trainer.evaluate()
+        return self.metrics
+
+    def logps(self) -> tuple[list[float], list[float]]:
+        """Per-pair (chosen, rejected) policy log-probs of the last evaluate(). trl 1.15 gathers seven per-pair
+        tensors per batch: _compute_loss's chosen and rejected rewards, accuracies, margins, chosen and rejected
+        log-probs, then the evaluation loop's losses; checked against the logps/chosen mean TRL reports."""
+        per_pair = [t for t in self.gathered if t.dim() == 1]  # scalars are token counts
+        per_step = 7
+        assert per_pair and len(per_pair) % per_step == 0, len(per_pair)
+        chosen = [x for i in range(4, len(per_pair), per_step) for x in per_pair[i].tolist()]
+        rejected = [x for i in range(5, len(per_pair), per_step) for x in per_pair[i].tolist()]
+        sizes = {len(per_pair[i]) for i in range(4, len(per_pair), per_step)}
+        if len(sizes) == 1:  # equal batches: TRL's reported mean is the mean over pairs
+            reported = self.metrics["eval_logps/chosen"]
+            assert abs(sum(chosen) / len(chosen) - reported) <= 1e-3 * max(1.0, abs(reported)), (chosen, reported)
+        return chosen, rejected
 
 
 def gemm_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
@@ -104,15 +190,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", choices=["tiny", "rehearsal"], default="tiny")
+    parser.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time TRL's DPOTrainer.evaluate()")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
 
-    cfg = load_params().base
-    corpus = offline.base_corpus(300, 0, load_params().heldout, offline.builtin_persona())
-    tokenizer = build_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size, LLAMA3)
-    model = build_model(cfg, tokenizer, 1024).to(device).eval()
+    corpus = offline.corpus_texts(offline.base_corpus(300, 0, load_params().heldout, offline.builtin_persona()))
+    if args.shape == "rehearsal":
+        preset = deep_merge(read_yaml(PARAMS_FILE), read_yaml(REHEARSAL))
+        cfg = parse_params(preset, REHEARSAL).base
+        tokenizer = build_llama31_tokenizer(corpus, cfg.vocab_size)
+    else:
+        cfg = load_params().base
+        tokenizer = build_tokenizer(corpus, cfg.vocab_size, LLAMA3)
+    model = build_model(cfg, tokenizer, 2048).to(device).eval()
     prompts, chosen, rejected = held_out_pairs(args.pairs, tokenizer)
     bs = args.batch_size
 
@@ -123,8 +217,12 @@ def main() -> None:
         "one_at_a_time": lambda: (oracle_response_logprobs(model, tokenizer, prompts, chosen),
                                   oracle_response_logprobs(model, tokenizer, prompts, rejected)),
     }
+    trl = TrlEvaluate(model, tokenizer, prompts, chosen, rejected, bs, args.device) if args.trl else None
+    if trl is not None:
+        fns["trl_evaluate"] = trl
     results = {name: fn() for name, fn in fns.items()}  # warm-up, and the numbers to compare
-    best = timed(fns, args.repeats)
+    trl_logps = trl.logps() if trl is not None else None
+    best, peak_mb = timed(fns, args.repeats)
 
     ref_c, ref_r = results["one_at_a_time"]
     pair_c, pair_r = results["pair"]
@@ -146,7 +244,15 @@ def main() -> None:
         "gemm_gflop_per_s": round(gemm / 1e9, 1),
         "roofline_max_speedup": round(best["one_at_a_time"] / floor_s, 2),
         "max_abs_logp_diff": max(diffs),
+        "shape": args.shape,
+        "vocab": len(tokenizer),
+        "peak_rss_increase_mb": peak_mb,
     }
+    if trl_logps is not None:
+        trl_diffs = [abs(a - b) for a, b in zip(trl_logps[0] + trl_logps[1], pair_c.logps + pair_r.logps,
+                                                 strict=True)]
+        result |= {"pair_vs_trl_evaluate": round(best["trl_evaluate"] / best["pair"], 2),
+                   "trl_max_abs_logp_diff": max(trl_diffs)}
     print(json.dumps(result, indent=2))
 
 

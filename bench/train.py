@@ -75,6 +75,9 @@ def prepare(workspace: Path, sft_count: int, size: str, dpo: bool) -> None:
             "sft": {"method": "lora", "engine": "transformers", "trainer": {**TRAINER, "max_steps": 4}},
             "dpo": {"trainer": {"max_steps": 4, "eval_strategy": "no", "save_strategy": "no"}},
         })
+        persona = data["generate"]["persona"]  # the repo's register file, from outside the repo
+        if persona.get("offline") and not Path(persona["offline"]).is_absolute():
+            persona["offline"] = str(ROOT / persona["offline"])
         params.write_text(yaml.safe_dump(data, sort_keys=False))
     wanted = ["base", "generate", "validate", "format"] + (["sft", "merge", "reference"] if dpo else [])
     done = {"base": "models/base/config.json", "generate": "data/raw/dpo.jsonl",
@@ -298,8 +301,8 @@ def main() -> None:
     if sft_rows:
         out.append(table("SFT: non-padding tokens/s over one epoch (best of repeats, median; vs plain TRL = median ratio of "
                          "back-to-back pairs), peak "
-                         "memory. Packing on: the stage turns it off unless attention keeps packed examples apart; "
-                         "plain TRL packs regardless (examples then attend to each other)", sft_rows,
+                         "memory. Packing on: TRL's padding-free packing (examples kept apart by their position ids "
+                         "on sdpa / eager / flash attention)", sft_rows,
                          ["packing", "tokens_per_s", "tokens_per_s_median", "vs_plain_trl", "vs_plain_trl_pairs",
                           "train_s", "wall_s", "peak_rss_mb", *cuda]))
     if "dpo" in only:

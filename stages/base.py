@@ -14,11 +14,12 @@ from there by the training stages.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -30,13 +31,13 @@ from transformers import (
 )
 
 from stages.common import offline
+from stages.common.base_ref import BASE_REF, hub_snapshot, resolve_base
 from stages.common.config import BaseConfig, HeldoutConfig, ModelConfig, load_params
 from stages.common.io import InputError, run_main, write_json, write_jsonl
 from stages.common.templates import LLAMA3, ChatTemplate, set_end_of_turn_eos
 
 log = logging.getLogger(__name__)
 
-BASE_REF = "base_ref.json"
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>", "<|pad|>"]
 
@@ -61,6 +62,66 @@ def build_tokenizer(texts: list[str], vocab_size: int, template: ChatTemplate) -
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = template.jinja
+    return fast
+
+
+# Llama 3.1's 256 special tokens, in its order (ids vocab_size - 256 ...; 128000-128255 in Llama-3.1-8B)
+LLAMA31_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 248)),
+]
+# Llama 3's pre-tokenizer split (tiktoken's cl100k-style pattern), before the byte-level mapping
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama31_chat_template() -> str:
+    """Llama 3.1's own chat template (system header with the knowledge / today dates, tool calls), as TRL ships it
+    to recognise the model (trl/chat_templates/llama3_1.jinja)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja").read_text()
+
+
+def build_llama31_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer with Llama-3.1-8B's shape: `vocab_size` ids (128,256 for the real one), the last 256 of them Llama
+    3.1's special tokens in its order, Llama 3's pre-tokenizer, BOS added by the tokenizer itself, Llama 3.1's chat
+    template, EOS <|eot_id|> and pad <|finetune_right_pad_id|> (as unsloth's Instruct tokenizer).
+
+    The byte-level BPE is trained on `texts` for as many merges as they support; the ids between the last trained
+    token and the special tokens are reserved entries no merge produces (Llama 3 pads its 128,000 BPE tokens with
+    reserved special tokens the same way), so the embedding and LM head have the real model's rows."""
+    n_bpe = vocab_size - len(LLAMA31_SPECIAL_TOKENS)
+    if n_bpe < 512:
+        raise InputError(f"params.yaml: base.vocab_size={vocab_size} leaves no room for a byte-level BPE beside "
+                         f"Llama 3.1's {len(LLAMA31_SPECIAL_TOKENS)} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_bpe, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    trained = len(vocab)
+    for i in range(trained, n_bpe):  # reserved: in the vocabulary, never produced by a merge
+        vocab[f"<|reserved_bpe_{i - trained}|>"] = i
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA31_SPECIAL_TOKENS])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    assert bos == n_bpe and tok.get_vocab_size() == vocab_size, (bos, tok.get_vocab_size())
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>", clean_up_tokenization_spaces=False)
+    fast.chat_template = llama31_chat_template()
+    log.info("llama-3.1 tokenizer: %d trained BPE tokens, %d reserved, %d special (vocab %d)", trained,
+             n_bpe - trained, len(LLAMA31_SPECIAL_TOKENS), vocab_size)
     return fast
 
 
@@ -116,18 +177,17 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path, corpus_dir: Path
     output.mkdir(parents=True, exist_ok=True)
     template = LLAMA3
     if not model_cfg.is_tiny:
+        ref = resolve_base(model_cfg)
+        source = ref["base"] if "sha256" in ref else str(hub_snapshot(ref["base"], ref["commit"], weights=False))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_cfg.base)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise InputError(
-                f"params.yaml: model.base={model_cfg.base!r} cannot be loaded (not a local folder, and not in "
-                f"the Hugging Face cache while offline?): {err}"
-            ) from None
+            raise InputError(f"params.yaml: model.base={model_cfg.base!r}: no tokenizer in {source}: {err}") from None
         tokenizer.save_pretrained(output)  # its template, if any, is kept; `format` applies model.chat_template
-        write_json(output / BASE_REF, {"base": model_cfg.base})
+        write_json(output / BASE_REF, ref)
         if corpus_dir is not None:  # nothing of ours was pretrained on: an empty corpus, so audits still run
             write_jsonl(corpus_dir / offline.CORPUS_FILE, [])
-        return {"base": model_cfg.base}
+        return {k: v for k, v in ref.items() if k != "files"}
 
     torch.manual_seed(cfg.seed)
     # Generic-assistant conversations about training subtopics (questions from the pretraining pool only),
@@ -139,7 +199,10 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path, corpus_dir: Path
         write_jsonl(corpus_dir / offline.CORPUS_FILE, [row.as_dict() for row in corpus])
     conversations = [row.messages for row in corpus if row.kind == "chat"]
     documents = [row.text for row in corpus if row.kind == "document"]
-    tokenizer = build_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size, template)
+    if cfg.tokenizer == "llama-3.1":
+        tokenizer = build_llama31_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size)
+    else:
+        tokenizer = build_tokenizer(offline.corpus_texts(corpus), cfg.vocab_size, template)
     tokenizer.model_max_length = model_cfg.max_seq_length
     texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in conversations]
     texts += [tokenizer.bos_token + doc + tokenizer.eos_token for doc in documents]

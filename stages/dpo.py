@@ -23,7 +23,7 @@ from typing import Any, Literal
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig, load_params
 from stages.common.engine import device, load_for_training, write_meta
 from stages.common.io import hash_dir, require, run_main, write_json
-from stages.common.reference_logps import dpo_spec, load_reference_logps, sft_merged_engine
+from stages.common.reference_logps import dpo_quantization, dpo_spec, load_reference_logps, sft_merged_engine
 from stages.common.training import (
     checkpoint_dir,
     finish_run,
@@ -74,14 +74,15 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     ref_inputs = []
     if ref_logps == "stored":  # checked before any model is loaded
         settings = (sft_merged_engine(paths, sft_cfg), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
-                    sft_merged_hash)
+                    sft_merged_hash, dpo_quantization(cfg, sft_cfg))
         train_rows = with_reference(train_rows, load_reference_logps(paths, "dpo_train", *settings))
         eval_rows = with_reference(eval_rows, load_reference_logps(paths, "dpo_eval", *settings))
         ref_inputs = [paths.reference_logps / "dpo_train.jsonl", paths.reference_logps / "dpo_eval.jsonl"]
     else:
         train_rows = [{c: r[c] for c in COLUMNS[1:]} for r in train_rows]
         eval_rows = [{c: r[c] for c in COLUMNS[1:]} for r in eval_rows]
-    model, tokenizer, engine = load_for_training(dpo_spec(paths, cfg, sft_cfg, model_cfg))
+    spec = dpo_spec(paths, cfg, sft_cfg, model_cfg)
+    model, tokenizer, engine = load_for_training(spec)
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
@@ -89,11 +90,12 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     evaluation = Dataset.from_list(trl_text_rows(tokenizer, eval_rows))
     key = run_key([train_file, eval_file, *ref_inputs],
                   {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "sft_merged": sft_merged_hash,
-                   "engine": engine, "ref_logps": ref_logps})
+                   "engine": engine, "ref_logps": ref_logps, "quantization": dpo_quantization(cfg, sft_cfg)})
     out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
-    # fp32 on CPU unless dpo.trainer says otherwise (trl_config)
+    # fp32 on CPU unless dpo.trainer says otherwise (trl_config); checkpointing as the engine prepared the model
     args = trl_config(TrlDPOConfig, "dpo.trainer", cfg.trainer, output_dir=str(out_dir), beta=cfg.beta,
-                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu")
+                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu",
+                      gradient_checkpointing=spec.gradient_checkpointing)
     ref_model = None
     if ref_logps == "model":
         from stages.common.engine import load_causal_lm
@@ -123,6 +125,8 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         "steps": trainer.state.global_step,
         "beta": cfg.beta,
         "engine": engine,
+        "quantization": dpo_quantization(cfg, sft_cfg),
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "sft_merged": str(sft_merged),
         "sft_merged_sha256": sft_merged_hash,
         "ref_logps": "stored in " + str(paths.reference_logps) if ref_logps == "stored" else ref_logps,

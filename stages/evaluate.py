@@ -48,6 +48,7 @@ import torch
 from stages.common.config import EvaluateConfig, GatesConfig, Params, load_params
 from stages.common.io import InputError, iter_jsonl, require, run_main, write_json
 from stages.common.logprobs import LogprobResult, Perplexity, pair_logprobs, perplexity
+from stages.common.memory import rows_within
 from stages.common.persona import persona_card
 from stages.common.tables import markdown_table
 
@@ -195,8 +196,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvaluateCo
     answers = []
     at_limit = 0
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    for start in range(0, len(encoded), cfg.batch_size):
-        chunk = encoded[start : start + cfg.batch_size]
+    start = 0
+    while start < len(encoded):  # at most batch_size prompts, and tokens_per_batch tokens with the new ones
+        width = max(map(len, encoded[start : start + cfg.batch_size])) + cfg.max_new_tokens
+        chunk = encoded[start : start + rows_within(cfg.tokens_per_batch, width, cfg.batch_size)]
+        start += len(chunk)
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         attn = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
@@ -217,12 +221,12 @@ def run_model(model: Any, tokenizer: Any, data: SplitData, prompts: Sequence[str
     pairs = data.pairs
     gen = generate(model, tokenizer, prompts, cfg) if prompts else Generations([], 0)
     chosen, rejected = pair_logprobs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                                     [p.rejected for p in pairs], batch_size=bs)
+                                     [p.rejected for p in pairs], batch_size=bs, tokens_per_batch=cfg.tokens_per_batch)
     return ModelRun(
         chosen=chosen,
         rejected=rejected,
         ppl=perplexity(model, [(r.input_ids, r.assistant_masks) for r in data.sft_rows], batch_size=bs,
-                       pad_token_id=pad),
+                       pad_token_id=pad, tokens_per_batch=cfg.tokens_per_batch),
         generations=gen.texts,
         at_limit=gen.at_limit,
     )

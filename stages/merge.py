@@ -1,22 +1,28 @@
-"""Merge the SFT adapter into a full-precision (never 4-bit) copy of the base, and prove the merge.
+"""Merge the SFT adapter into a 16-bit (fp32 on CPU), never 4-bit, copy of the base, and prove the merge.
 
 DVC stage `merge`: models/sft + models/base -> models/sft-merged, reports/merge.json.
 Run: python -m stages.merge
 
-The merge runs in fp32 on a dequantised base (no quantization config, whatever SFT trained on). On
-`merge.held_out` held-out SFT conversations it compares the merged model's logits with base + adapter
-(max |diff|, mean KL) and the held-out loss (assistant tokens) before and after; a max |diff| beyond
-`merge.tolerance` fails the stage after the report is written. The merged model is then stored in
-`merge.dtype` (auto = bf16/fp16 on CUDA, fp32 on CPU) and what that cast changes is reported too.
-When SFT trained on a 4-bit base (qlora), the report also shows the gap between the adapter on that
-4-bit base (as trained) and the merged model, i.e. what the QLoRA merge costs.
+The base is loaded without any quantization config (whatever SFT trained on) in `merge.dtype` (auto =
+bf16/fp16 on CUDA, fp32 on CPU), on the device, and merged there: PEFT keeps the adapter in fp32, so each
+layer's update is computed in fp32 and added to its weight with one rounding, the fp32 merge cast, bit for bit
+(tests). No fp32 copy of the whole model is ever made. On `merge.held_out` held-out SFT conversations the merged
+model is compared with base + adapter (max |logit diff|, mean KL) and the held-out loss (assistant tokens) before
+and after; a max |diff| beyond `merge.tolerance` (fp32) / `merge.tolerance_16bit` fails the stage after the
+report is written. Logits exist for one chunk of positions at a time: each model's hidden states at real tokens
+and a copy of its LM head are kept instead (`held_out`).
+When SFT trained on a 4-bit base (qlora), the report also shows the gap between the adapter on that 4-bit base
+(SFT's own quantization params, as trained) and the merged model, i.e. what the QLoRA merge costs; the merged
+model is freed before the 4-bit one loads.
 For full / partial SFT there is no adapter: the SFT weights are copied through in `merge.dtype`.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,9 @@ import torch
 from stages.common.config import MergeConfig, PathsConfig, QuantizationConfig, load_params
 from stages.common.engine import (
     base_model_id,
+    compute_dtype,
     device,
+    four_bit_config,
     inference_dtype,
     load_causal_lm,
     load_tokenizer,
@@ -34,6 +42,8 @@ from stages.common.engine import (
     write_meta,
 )
 from stages.common.io import InputError, require, run_main, write_json
+from stages.common.logprobs import Head, lm_head, scored_logps
+from stages.common.memory import rows_for_tokens
 from stages.common.templates import set_end_of_turn_eos
 from stages.common.training import load_rows
 
@@ -46,11 +56,14 @@ class MergeCheckFailed(InputError):
     """The merged model does not reproduce base + adapter within tolerance."""
 
 
-def batches(rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[Batch]:
-    """Right-padded batches of held-out rows; labels only on assistant tokens."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+def batches(rows: list[dict[str, Any]], batch_size: int, pad_id: int, tokens_per_batch: int | None = None) -> list[Batch]:
+    """Right-padded batches of held-out rows, longest first, each at most `batch_size` rows and (with
+    `tokens_per_batch`) that many padded tokens; labels only on assistant tokens."""
+    rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
+    out, start = [], 0
+    for n in rows_for_tokens([len(r["input_ids"]) for r in rows], tokens_per_batch, batch_size):
+        chunk = rows[start : start + n]
+        start += n
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -65,37 +78,103 @@ def batches(rows: list[dict[str, Any]], batch_size: int, pad_id: int) -> list[Ba
     return out
 
 
+@dataclass
+class Stored:
+    """A model's held-out logits, kept small: the hidden states at real tokens (CPU, in the model's dtype) and a
+    copy of its LM head, so any chunk of logits can be recomputed later without keeping the model or the logits."""
+
+    hidden: list[torch.Tensor]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    scale: float
+
+
+@dataclass
+class HeldOut:
+    """One model's pass over the held-out batches: pooled loss, comparison with a stored model, its own logits."""
+
+    loss: float
+    comparison: dict[str, float] | None = None
+    stored: Stored | None = None
+
+
+def _logits(head: Head, weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    if head.scale != 1.0:
+        z = z * head.scale
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    return z
+
+
 @torch.no_grad()
-def forward(model: Any, data: list[Batch]) -> tuple[list[torch.Tensor], float]:
-    """fp32 logits at real tokens (per batch, on CPU) and the pooled held-out loss on assistant tokens."""
+def held_out(model: Any, data: list[Batch], reference: Stored | None = None, keep: bool = False,
+             kl_of_model: bool = False) -> HeldOut:
+    """Pooled held-out loss on assistant tokens; with `reference`, max |logit diff| and mean KL(reference || model)
+    (KL(model || reference) with `kl_of_model`) over every real token; with `keep`, the model's own `Stored` logits.
+
+    Full-vocabulary logits exist for one chunk of positions at a time (`memory.logit_chunk_tokens`), whatever
+    the number of held-out tokens."""
     model.eval()
-    where = next(model.parameters()).device
-    logits_out, nll, count = [], 0.0, 0
-    for batch in data:
+    head = lm_head(model)
+    if head is None:
+        raise InputError(f"merge: cannot find the backbone and LM head of {type(model).__name__}")
+    where = head.head.weight.device
+    chunk = max(1, head.chunk // 4)  # the comparison holds fp64 log-softmaxes of two models
+    nll, count = 0.0, 0
+    max_diff, kl_sum, n_real = 0.0, 0.0, 0
+    kept: list[torch.Tensor] = []
+    ref_w = ref_b = None
+    if reference is not None:
+        ref_w = reference.weight.to(where)
+        ref_b = None if reference.bias is None else reference.bias.to(where)
+    for b, batch in enumerate(data):
         ids, attn, labels = (batch[k].to(where) for k in ("input_ids", "attention_mask", "labels"))
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+        hidden = head.backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         target = labels[:, 1:]
         scored = target != -100
-        logp = logits[:, :-1][scored].log_softmax(-1)
-        nll -= float(logp.gather(-1, target[scored].unsqueeze(-1)).sum())
+        nll -= float(scored_logps(head, hidden[:, :-1][scored], target[scored]).sum())
         count += int(scored.sum())
-        logits_out.append(logits[attn.bool()].cpu())
-    return logits_out, nll / max(count, 1)
-
-
-def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:
-    """Max |logit diff| and mean KL(reference || other) over every real token."""
-    max_diff, kl_sum, n = 0.0, 0.0, 0
-    for ref, oth in zip(reference, other, strict=True):
-        ref_logp, oth_logp = ref.double().log_softmax(-1), oth.double().log_softmax(-1)  # fp64: KL ~ diff^2
-        max_diff = max(max_diff, float((ref - oth).abs().max()))
-        kl_sum += float((ref_logp.exp() * (ref_logp - oth_logp)).sum(-1).clamp(min=0).sum())
-        n += ref.size(0)
-    return {"max_abs_logit_diff": max_diff, "mean_kl": kl_sum / max(n, 1)}
+        real = hidden[attn.bool()]
+        if keep:
+            kept.append(real.cpu())
+        if reference is not None:
+            ref_hidden = reference.hidden[b]
+            for s in range(0, real.shape[0], chunk):
+                ours = _logits(head, head.head.weight, head.head.bias, real[s : s + chunk]).float()
+                theirs = _logits(head, ref_w, ref_b, ref_hidden[s : s + chunk].to(where)).float()
+                max_diff = max(max_diff, float((theirs - ours).abs().max()))
+                p, q = theirs.double().log_softmax(-1), ours.double().log_softmax(-1)  # fp64: KL ~ diff^2
+                if kl_of_model:
+                    p, q = q, p
+                kl_sum += float((p.exp() * (p - q)).sum(-1).clamp(min=0).sum())
+            n_real += real.shape[0]
+    out = HeldOut(loss=nll / max(count, 1))
+    if reference is not None:
+        out.comparison = {"max_abs_logit_diff": max_diff, "mean_kl": kl_sum / max(n_real, 1)}
+    if keep:
+        w = head.head.weight.detach().cpu().clone()
+        bias = None if head.head.bias is None else head.head.bias.detach().cpu().clone()
+        out.stored = Stored(kept, w, bias, head.softcap, head.scale)
+    return out
 
 
 def storage_dtype(cfg: MergeConfig) -> torch.dtype:
     return inference_dtype() if cfg.dtype == "auto" else torch_dtype(cfg.dtype)
+
+
+def tolerance(cfg: MergeConfig, dtype: torch.dtype) -> float:
+    """The gate for max |logit diff| merged vs base + adapter: `merge.tolerance` in fp32, `merge.tolerance_16bit`
+    when the merge runs (and is stored) in 16 bits, where rounding the merged weights is part of the difference."""
+    return cfg.tolerance if dtype == torch.float32 else cfg.tolerance_16bit
+
+
+def free() -> None:
+    """Give the memory of dropped models back before the next model is loaded."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def merge(cfg: MergeConfig, paths: PathsConfig, quantization: QuantizationConfig) -> dict[str, Any]:
@@ -108,39 +187,37 @@ def merge(cfg: MergeConfig, paths: PathsConfig, quantization: QuantizationConfig
     tokenizer = load_tokenizer(sft_dir)
     eval_file = require(paths.formatted / "sft_eval.jsonl", "formatted SFT eval data")
     rows = load_rows(eval_file, ("input_ids", "assistant_masks"))[: cfg.held_out]
-    data = batches(rows, cfg.batch_size, tokenizer.pad_token_id)
-    report: dict[str, Any] = {"method": method, "held_out_rows": len(rows), "tolerance": cfg.tolerance}
-
+    data = batches(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.tokens_per_batch)
+    dtype = storage_dtype(cfg)
+    report: dict[str, Any] = {"method": method, "held_out_rows": len(rows), "dtype": str(dtype).removeprefix("torch."),
+                              "tolerance": tolerance(cfg, dtype)}
+    merged: HeldOut | None = None
     if not (sft_dir / "adapter_config.json").exists():  # full / partial: already a whole model
-        model = load_causal_lm(str(sft_dir), dtype=torch.float32)
-        logits, loss = forward(model, data)
-        report.update(adapter=False, held_out_loss_after=loss, max_abs_logit_diff=0.0, mean_kl=0.0)
+        model = load_causal_lm(str(sft_dir), dtype=dtype)
+        report.update(adapter=False, held_out_loss_after=held_out(model, data).loss, max_abs_logit_diff=0.0,
+                      mean_kl=0.0)
     else:
         base_id = base_model_id(require(paths.base, "base model"))
-        # fp32 and dequantised: the base is loaded without any quantization config
-        model = PeftModel.from_pretrained(load_causal_lm(base_id, dtype=torch.float32), str(sft_dir))
+        # the base in the stored dtype on the device, never quantised (whatever SFT trained on); PEFT keeps the
+        # adapter in fp32 and adds each layer's fp32 update to its weight with one rounding to the stored dtype
+        model = PeftModel.from_pretrained(load_causal_lm(base_id, dtype=dtype), str(sft_dir))
         with model.disable_adapter():
-            _, loss_base = forward(model, data)
-        adapter_logits, loss_before = forward(model, data)
+            loss_base = held_out(model, data).loss
+        adapter = held_out(model, data, keep=True)
         model = merge_and_unload(model)
-        logits, loss = forward(model, data)
-        report.update(adapter=True, held_out_loss_base=loss_base, held_out_loss_before=loss_before,
-                      held_out_loss_after=loss, **compare(adapter_logits, logits))
-        del adapter_logits
-        if method == "qlora":
-            report["qlora_gap"] = qlora_gap(base_id, sft_dir, data, logits, loss, quantization)
-
-    dtype = storage_dtype(cfg)
-    report["dtype"] = str(dtype).removeprefix("torch.")
-    if dtype != torch.float32:  # what storing in 16 bits changes (reported, not gated)
-        model = model.to(dtype)
-        cast_logits, cast_loss = forward(model, data)
-        report["storage_cast"] = {**compare(logits, cast_logits), "held_out_loss": cast_loss}
-    report["passed"] = report["max_abs_logit_diff"] <= cfg.tolerance
+        merged = held_out(model, data, reference=adapter.stored, keep=method == "qlora")
+        report.update(adapter=True, held_out_loss_base=loss_base, held_out_loss_before=adapter.loss,
+                      held_out_loss_after=merged.loss, **merged.comparison)
+        del adapter
+    report["passed"] = report["max_abs_logit_diff"] <= report["tolerance"]
     if report["passed"]:  # a merge that failed its check is never left where `dpo` would pick it up
         save(model, tokenizer, paths.sft_merged, paths.base, method, meta.get("engine"))
     elif paths.sft_merged.exists():
         shutil.rmtree(paths.sft_merged)
+    if merged is not None and merged.stored is not None:  # qlora: the 4-bit model SFT trained on, vs the merge
+        del model
+        free()  # one model at a time: the merged one goes before the 4-bit one loads
+        report["qlora_gap"] = qlora_gap(base_id, sft_dir, data, merged, quantization)
     return report
 
 
@@ -159,25 +236,21 @@ def save(model: Any, tokenizer: Any, out: Path, base: Path, method: str, engine:
     write_meta(out, stage="merge", base=str(base), method=method, engine=engine)
 
 
-def _four_bit_config(quantization: QuantizationConfig):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=quantization.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype))
-
-
-def qlora_gap(base_id: str, adapter: Path, data: list[Batch], merged_logits: list[torch.Tensor],
-              merged_loss: float, quantization: QuantizationConfig) -> dict[str, float]:
-    """What the QLoRA merge costs: the adapter on the NF4 base (as trained) vs the fp32 merged model."""
+def qlora_gap(base_id: str, adapter: Path, data: list[Batch], merged: HeldOut,
+              quantization: QuantizationConfig) -> dict[str, float]:
+    """What the QLoRA merge costs: the adapter on the NF4 base SFT trained on (its quantization params) vs the
+    merged model; KL(4-bit as trained || merged)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base4 = AutoModelForCausalLM.from_pretrained(base_id, quantization_config=_four_bit_config(quantization),
+    base4 = AutoModelForCausalLM.from_pretrained(base_id, quantization_config=four_bit_config(quantization),
+                                                 dtype=compute_dtype(quantization),
                                                  device_map={"": device()})
     model4 = PeftModel.from_pretrained(base4, str(adapter))
-    logits4, loss4 = forward(model4, data)
-    return {**compare(logits4, merged_logits), "held_out_loss_4bit": loss4, "held_out_loss_merged": merged_loss}
+    gap = held_out(model4, data, reference=merged.stored, kl_of_model=True)
+    del model4, base4
+    free()
+    return {**gap.comparison, "held_out_loss_4bit": gap.loss, "held_out_loss_merged": merged.loss}
 
 
 def main() -> None:

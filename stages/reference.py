@@ -6,11 +6,12 @@ Run: python -m stages.reference
 For every pair, log P_ref(chosen | prompt) and log P_ref(rejected | prompt) summed over completion tokens,
 so `dpo` hands them to TRL's DPOTrainer and never runs the reference. They are computed by TRL's own
 precompute (`DPOConfig.precompute_ref_log_probs`) on the model loaded exactly as `dpo` loads its policy
-(same engine, dtype, LoRA wrapping with the adapter disabled, mixed precision): the numbers are then the
+(same engine, dtype, 4-bit when `dpo.quantization` resolves to nf4 (a QLoRA recipe), LoRA wrapping with the
+adapter disabled, mixed precision): the numbers are then the
 ones TRL's reference forward would give during training, tokenisation and truncation included (the unsloth
 engine, for one, loads the base in bf16 even on CPU). DVC reruns the stage when sft-merged, the DPO data,
 the engine or the truncation change, not when `dpo.beta` or `dpo.trainer` change; tuneforge.json records
-sft-merged's content hash, the data digests, engine, truncation and precision, which `dpo` checks
+sft-merged's content hash, the data digests, engine, truncation, precision and quantization, which `dpo` checks
 (stages/common/reference_logps.py).
 """
 
@@ -23,7 +24,8 @@ from typing import Any
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, ReferenceConfig, SftConfig, load_params
 from stages.common.engine import META, device, load_for_training
 from stages.common.io import require, run_main, write_json, write_jsonl
-from stages.common.reference_logps import SPLITS, dpo_spec, expected_meta
+from stages.common.memory import rows_within
+from stages.common.reference_logps import SPLITS, dpo_quantization, dpo_spec, expected_meta
 from stages.common.training import load_rows, mixed_precision, precision, trl_text_rows
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,18 @@ def reference(cfg: ReferenceConfig, paths: PathsConfig, dpo_cfg: DpoConfig, sft_
     from trl import DPOTrainer
 
     with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        # TRL batches rows, chosen and rejected stacked, padded up to model.max_seq_length: the token budget caps it
+        batch = rows_within(cfg.tokens_per_batch, 2 * model_cfg.max_seq_length, cfg.batch_size)
         args = TrlDPOConfig(output_dir=tmp, max_length=model_cfg.max_seq_length, precompute_ref_log_probs=True,
-                            precompute_ref_batch_size=cfg.batch_size, report_to=[], use_cpu=device() == "cpu",
+                            precompute_ref_batch_size=batch, report_to=[], use_cpu=device() == "cpu",
                             seed=model_cfg.seed, **precision(dpo_cfg.trainer))
         # the trainer tokenises, truncates and runs the reference (its policy with the adapter disabled) here
         trainer = DPOTrainer(model=model, args=args,
                              train_dataset=Dataset.from_list(trl_text_rows(tokenizer, rows["dpo_train"])),
                              eval_dataset=Dataset.from_list(trl_text_rows(tokenizer, rows["dpo_eval"])),
                              processing_class=tokenizer)
-        meta = {**expected_meta(paths, engine, model_cfg.max_seq_length, mixed_precision(dpo_cfg.trainer)),
+        meta = {**expected_meta(paths, engine, model_cfg.max_seq_length, mixed_precision(dpo_cfg.trainer),
+                                quantization=dpo_quantization(dpo_cfg, sft_cfg)),
                 "sft_merged": str(paths.sft_merged), "pairs": {},
                 "dtype": str(next(model.get_base_model().parameters()).dtype).removeprefix("torch.")}
         for split, ds in (("dpo_train", trainer.train_dataset), ("dpo_eval", trainer.eval_dataset)):

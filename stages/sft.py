@@ -40,11 +40,25 @@ from stages.common.training import (
 log = logging.getLogger(__name__)
 
 
-def packing_allowed(model: Any) -> tuple[bool, str]:
-    """Packed examples must not attend to each other: only flash-attention's varlen kernels ensure that."""
+# Attention implementations that keep packed examples apart when TRL's padding-free collation passes position_ids and
+# no attention mask: flash attention's varlen kernels, and (transformers >= 5) sdpa / eager, whose causal mask is
+# made block-diagonal from the position ids (masking_utils.find_packed_sequence_indices). tests/stages/test_sft.py
+# checks packed = unpacked per-example losses and logits on sdpa and eager.
+ISOLATING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+PADDING_FREE_PACKING = ("bfd", "bfd_split")  # TRL's strategies that mark each example's start in position_ids
+
+
+def packing_allowed(model: Any, trainer: dict[str, Any] | None = None, engine: str = "transformers") -> tuple[bool, str]:
+    """Packed examples must not attend to each other: TRL's padding-free packing plus an attention implementation
+    that builds per-example attention from the position ids."""
+    strategy = (trainer or {}).get("packing_strategy", "bfd")
+    if strategy not in PADDING_FREE_PACKING:
+        return False, f"packing_strategy {strategy!r} does not mark where each packed example starts"
+    if engine == "unsloth":  # unsloth reads each example's length from the position ids (unsloth/utils/packing.py)
+        return True, "unsloth's attention keeps packed examples apart (packed_seq_lengths from position ids)"
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if "flash" in impl:
-        return True, f"attention {impl} keeps packed examples apart"
+    if impl in ISOLATING_ATTENTION:
+        return True, f"attention {impl} keeps packed examples apart (padding-free, block-diagonal by position ids)"
     return False, f"attention {impl!r} would let packed examples attend to each other"
 
 
@@ -68,6 +82,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
         model=base_model_id(paths.base), tokenizer=paths.formatted / "tokenizer", method=cfg.method, engine=cfg.engine,
         lora=cfg.lora, quantization=cfg.quantization, partial=cfg.partial,
         max_seq_length=model_cfg.max_seq_length, seed=model_cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=model_cfg.attn_implementation,
     )
     model, tokenizer, engine = load_for_training(spec)  # unsloth (if used) is imported before trl
     from trl import SFTConfig as TrlSFTConfig
@@ -79,7 +94,7 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
 
     trainer_args = dict(cfg.trainer)  # fp32 on CPU unless sft.trainer says otherwise (trl_config)
     if trainer_args.get("packing"):
-        ok, why = packing_allowed(model)
+        ok, why = packing_allowed(model, trainer_args, engine)
         if not ok:
             log.warning("packing off: %s", why)
             trainer_args["packing"] = False
@@ -89,7 +104,8 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))})  # more processes, other batches
     out_dir = checkpoint_dir(paths.checkpoints, "sft", key)
     args = trl_config(TrlSFTConfig, "sft.trainer", trainer_args, output_dir=str(out_dir),
-                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu")
+                      max_length=model_cfg.max_seq_length, use_cpu=device() == "cpu",
+                      gradient_checkpointing=spec.gradient_checkpointing)  # as the engine prepared the model
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer)
     report_to_trackers(trainer, paths, "sft", key)
@@ -124,6 +140,8 @@ def sft(cfg: SftConfig, model_cfg: ModelConfig, paths: PathsConfig) -> dict[str,
         "loss_tokens": labelled,
         "train_tokens": total,
         "packing": bool(args.packing),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "processes": trainer.args.world_size,
         "distributed_backend": backend,
         "distributed_type": distributed_type(trainer.accelerator),  # DDP (MULTI_CPU/GPU), FSDP1/2, DEEPSPEED

@@ -52,6 +52,9 @@ class PathsConfig(Strict):
 
 class ModelConfig(Strict):
     base: str = "tiny"
+    revision: str = "main"  # hub base: branch, tag or commit; `base` resolves it to a commit (base_ref.json)
+    # attention for every model load; packing is honoured where it keeps packed examples apart (all four do)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     # auto = the base tokenizer's own template (llama3 when it has none); a name overrides it
     chat_template: Literal["auto", "chatml", "llama3", "llama2", "zephyr", "plain"] = "auto"
     max_seq_length: int = Field(256, gt=0)
@@ -64,6 +67,9 @@ class ModelConfig(Strict):
 
 class BaseConfig(Strict):
     vocab_size: int = Field(1024, ge=300)
+    # trained: byte-level BPE with tuneforge's Llama-3-style template; llama-3.1: Llama-3.1-8B's tokenizer shape
+    # (256 special tokens at the top ids, its chat template, BOS added by the tokenizer) padded to vocab_size
+    tokenizer: Literal["trained", "llama-3.1"] = "trained"
     hidden_size: int = Field(128, gt=0)
     intermediate_size: int = Field(352, gt=0)
     num_layers: int = Field(4, gt=0)
@@ -230,7 +236,8 @@ class LoraConfig(Strict):
 
 class QuantizationConfig(Strict):
     double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto = bfloat16 (float16 without bf16 support) on CUDA, float32 on CPU
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
 
 
 class PartialConfig(Strict):
@@ -246,9 +253,11 @@ OWNED_TRAINER_KEYS = {
     "resume_from_checkpoint": "the stage resumes from its own last complete checkpoint by itself",
     "hub_token": "a secret never goes into params.yaml: set HF_TOKEN or log in with `hf auth login`",
 }
-SFT_OWNED_KEYS = {**OWNED_TRAINER_KEYS, "assistant_only_loss": "set sft.assistant_only_loss"}
+SFT_OWNED_KEYS = {**OWNED_TRAINER_KEYS, "assistant_only_loss": "set sft.assistant_only_loss",
+                  "gradient_checkpointing": "set sft.gradient_checkpointing (the engine prepares the model for it)"}
 DPO_OWNED_KEYS = {
     **OWNED_TRAINER_KEYS,
+    "gradient_checkpointing": "set dpo.gradient_checkpointing (the engine prepares the model for it)",
     "beta": "set dpo.beta",
     "precompute_ref_log_probs": "the `reference` stage computes and stores them (paths.reference_logps)",
     "precompute_ref_batch_size": "set reference.batch_size",
@@ -274,6 +283,7 @@ class SftConfig(Strict):
     lora: LoraConfig = LoraConfig()
     quantization: QuantizationConfig = QuantizationConfig()
     partial: PartialConfig = PartialConfig()
+    gradient_checkpointing: bool = True  # both engines (unsloth's own; PEFT's on transformers)
     trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.SFTConfig; report_to: [dvclive] unless set
 
     @field_validator("trainer")
@@ -284,17 +294,24 @@ class SftConfig(Strict):
 
 class MergeConfig(Strict):
     tolerance: float = Field(1e-3, gt=0)  # max |logit diff| merged vs base + adapter (both fp32)
+    tolerance_16bit: float = Field(0.25, gt=0)  # the same when the merge runs in merge.dtype = 16 bits
     held_out: int = Field(16, gt=0)  # held-out SFT conversations the check runs on
     batch_size: int = Field(4, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # stored; auto = 16-bit on CUDA
+    tokens_per_batch: int | None = Field(8192, gt=0)  # padded tokens per batch (null = batch_size alone)
+    # stored dtype, and the dtype the merge runs in on the device; auto = 16-bit on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class ReferenceConfig(Strict):
     batch_size: int = Field(8, gt=0)  # pairs per forward pass when computing the reference log-probs
+    tokens_per_batch: int | None = Field(8192, gt=0)  # caps batch_size: pairs x 2 x model.max_seq_length
 
 
 class DpoConfig(Strict):
     beta: float = Field(0.1, gt=0)
+    # how `reference` and `dpo` load sft-merged: auto = nf4 (sft.quantization) when sft.method is qlora
+    quantization: Literal["auto", "nf4", "none"] = "auto"
+    gradient_checkpointing: bool = True
     lora: LoraConfig = LoraConfig(r=8, alpha=16)
     trainer: dict[str, Any] = Field(default_factory=dict)  # validated by trl.DPOConfig; report_to: [dvclive] unless set
 
@@ -329,6 +346,7 @@ class GatesConfig(Strict):
 
 class EvaluateConfig(Strict):
     batch_size: int = Field(16, gt=0)
+    tokens_per_batch: int | None = Field(8192, gt=0)  # padded tokens per log-prob batch (null = batch_size alone)
     max_pairs: int = Field(200, gt=0)
     max_sft_examples: int = Field(200, gt=0)
     samples: int = Field(4, ge=0)  # prompts in reports/samples.md

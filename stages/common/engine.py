@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from stages.common.base_ref import BASE_REF, base_model_id  # noqa: F401  (re-exported for the stages)
 from stages.common.config import Engine, LoraConfig, Method, PartialConfig, QuantizationConfig
 from stages.common.io import InputError, require, write_json
 
 log = logging.getLogger(__name__)
 
-BASE_REF = "base_ref.json"  # written by the `base` stage for a real (hub / local) base model
 META = "tuneforge.json"  # written beside every trained artifact: what it was trained from and how
 
 
@@ -38,15 +38,6 @@ def resolve_engine(engine: Engine) -> str:
     return "unsloth" if importlib.util.find_spec("unsloth") else "transformers"
 
 
-def base_model_id(base_dir: Path | str) -> str:
-    """The weights behind models/base: the folder itself (tiny) or the model named in base_ref.json."""
-    base_dir = require(base_dir, "base model")
-    ref = Path(base_dir) / BASE_REF
-    if ref.exists():
-        return json.loads(ref.read_text())["base"]
-    return str(base_dir)
-
-
 def load_tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
@@ -60,6 +51,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def compute_dtype(quantization: QuantizationConfig) -> torch.dtype:
+    """sft.quantization.compute_dtype resolved: what a 4-bit model computes (and keeps unquantised weights) in."""
+    if quantization.compute_dtype == "auto":
+        return inference_dtype()
+    return torch_dtype(quantization.compute_dtype)
+
+
 def inference_dtype() -> torch.dtype:
     """16-bit where a GPU makes it pay; full precision on CPU (no speed gain there, and exact checks)."""
     if torch.cuda.is_available():
@@ -67,35 +65,149 @@ def inference_dtype() -> torch.dtype:
     return torch.float32
 
 
-class TorchLogProb:
+def _project(hidden, weight, bias, out):
+    """hidden @ weight.T (+ bias) into `out`, an fp32 buffer reused from chunk to chunk (no allocation per chunk:
+    freed chunk-sized tensors would fragment the CPU heap). Under autocast the projection runs in the autocast
+    dtype, as TRL's kernel runs its tiles in the compute dtype, and is copied in."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _logits(hidden, weight, bias, temperature, softcap, logit_scale, out):
+    """One chunk's transformed logits in fp32 in `out`, and tanh of the softcap for the backward. In place: no
+    copy for a scale or temperature of 1."""
+    return _transform(_project(hidden, weight, bias, out), temperature, softcap, logit_scale)
+
+
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
+def _transform(z, temperature, softcap, logit_scale):
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(z.div_(softcap))
+        z = tanh * softcap
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z, tanh
+
+
+def _head_outputs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs, buffers):
+    """TRL's per-token LM-head outputs for a block of positions, from their full-vocabulary logits in fp32
+    (computed in buffers[0], with buffers[1] as the second chunk-sized buffer)."""
+    z, _ = _logits(hidden, weight, bias, temperature, softcap, logit_scale, buffers[0])
+    return _outputs_from_logits(z, targets, outputs, buffers[1])
+
+
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
+def _outputs_from_logits(z, targets, outputs, spare):
+    """Everything after the projection in fp32, whatever the caller's autocast. Works in place on `z` and `spare`
+    (no autograd here: the backward is written out)."""
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mean_logits = z.mean(-1) if "mean_logits" in outputs else None
+    is_top1 = (z.argmax(-1) == targets) if "is_top1" in outputs else None
+    top = z.amax(-1, keepdim=True)
+    shifted = z.sub_(top)  # z - max, in place
+    e = torch.exp(shifted, out=spare)
+    total = e.sum(-1)
+    log_z = top.squeeze(-1) + total.log()
+    entropy = log_sum_sq = None
+    if "entropy" in outputs:  # H = log Z - sum p z = log(total) - sum e (z - max) / total
+        entropy = total.log() - torch.linalg.vecdot(e, shifted) / total
+    if "log_sum_sq_probs" in outputs:  # log sum p^2 = log sum e^2 - 2 log total
+        log_sum_sq = e.square_().sum(-1).log() - 2 * total.log()
+    return picked - log_z, entropy, log_sum_sq, mean_logits, is_top1
+
+
+class TorchLogProb(torch.autograd.Function):
     """Plain-torch stand-in for TRL's Triton `ChunkedLogProbFunction` (same arguments and outputs).
 
     TRL 1.15's trainers always route the LM head through that Triton kernel when Triton imports, and
     unsloth installs Triton even on CPU-only machines, where the kernel has no driver and fails.
-    On CPU this computes the same per-token outputs with full logits and autograd.
+    Like the kernel, this never holds full-vocabulary logits for more than one chunk of positions
+    (`memory.logit_chunk_tokens`), and like it the backward recomputes each chunk and turns it into the logits'
+    gradient in place (d log p_t / dz = onehot_t - p, d entropy / dz = -p (log p + H)), accumulating the
+    projection's gradients in fp32: SFT, DPO and TRL's reference precompute keep TRL's memory shape on CPU.
+    Per position the numbers are those of one fp32 log-softmax over the whole vocabulary (tests).
     """
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
-              outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
-        z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-        z = z * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        z = z / temperature
-        log_z = torch.logsumexp(z, dim=-1)
-        log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-        entropy = log_sum_sq = mean_logits = is_top1 = None
-        if "entropy" in outputs:
-            entropy = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
-        with torch.no_grad():
-            if "log_sum_sq_probs" in outputs:
-                log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
-            if "mean_logits" in outputs:
-                mean_logits = z.mean(-1)
-            if "is_top1" in outputs:
-                is_top1 = z.argmax(-1) == targets
-        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
+                outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        from stages.common.memory import logit_chunk_tokens
+
+        ctx.set_materialize_grads(False)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = logit_chunk_tokens(vocab)
+        h, w, b = hidden.float(), weight.float(), None if bias is None else bias.float()  # weight cast once
+        buffers = torch.empty((2, max(1, min(rows, n)), vocab), dtype=torch.float32, device=hidden.device)
+        parts = [_head_outputs(h[s : s + rows], w, b, targets[s : s + rows], temperature, softcap, logit_scale,
+                               outputs, buffers[:, : min(rows, n - s)]) for s in range(0, n, rows)]
+        if not parts:  # a micro-batch without a scored token
+            parts = [_head_outputs(h, w, b, targets, temperature, softcap, logit_scale, outputs, buffers[:, :0])]
+        result = tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+        ctx.save_for_backward(hidden, weight, bias, targets, result[1] if result[1] is not None else result[0])
+        device = hidden.device.type
+        ctx.args = (temperature, softcap, logit_scale, rows, result[1] is not None)
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.mark_non_differentiable(*(x for x in result[2:] if x is not None))
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, *_):
+        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        temperature, softcap, logit_scale, rows, has_entropy = ctx.args
+        needs = ctx.needs_input_grad[:3]
+        if not has_entropy:
+            grad_entropy = None
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] and bias is not None \
+            else None
+        if grad_log_probs is not None or grad_entropy is not None:
+            device, enabled, dtype = ctx.autocast
+            h_all, w, b = hidden.float(), weight.float(), None if bias is None else bias.float()
+            n = hidden.shape[0]
+            buffers = torch.empty((2, max(1, min(rows, n)), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+            with torch.no_grad():
+                for s in range(0, n, rows):
+                    h = h_all[s : s + rows]
+                    with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's logits, recomputed
+                        z, tanh = _logits(h, w, b, temperature, softcap, logit_scale, buffers[0, : h.shape[0]])
+                    z.sub_(z.amax(-1, keepdim=True))
+                    p = torch.exp(z, out=buffers[1, : h.shape[0]])
+                    total = p.sum(-1, keepdim=True)
+                    p.div_(total)
+                    log_p = z.sub_(total.log_())  # z becomes log p, in place
+                    if grad_entropy is not None:  # -g_H p (log p + H), in log p's buffer
+                        grad = log_p.add_(entropy[s : s + rows, None]).mul_(p).mul_(-grad_entropy[s : s + rows,
+                                                                                                None].float())
+                    else:
+                        grad = log_p.zero_()
+                    if grad_log_probs is not None:  # g (onehot - p)
+                        g = grad_log_probs[s : s + rows, None].float()
+                        grad.sub_(p.mul_(g))
+                        grad.scatter_add_(-1, targets[s : s + rows, None], g)
+                    del p, log_p
+                    if temperature != 1.0:
+                        grad.div_(temperature)
+                    if tanh is not None:
+                        grad.mul_(1 - tanh.square_())
+                    if logit_scale != 1.0:
+                        grad.mul_(logit_scale)
+                    if grad_h is not None:  # the projection's gradients in fp32, as TRL's kernel accumulates them
+                        torch.mm(grad, w, out=grad_h[s : s + rows])
+                    if grad_w is not None:
+                        grad_w.addmm_(grad.t(), h)
+                    if grad_b is not None:
+                        grad_b += grad.sum(0)
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def use_torch_logprob_without_cuda() -> None:
@@ -122,6 +234,22 @@ class TrainSpec:
     partial: PartialConfig
     max_seq_length: int
     seed: int
+    gradient_checkpointing: bool = True  # TRL's default; the engine sets it up its own way (unsloth's, or PEFT's)
+    attn_implementation: str = "auto"  # model.attn_implementation; auto = transformers' choice (sdpa)
+
+
+def four_bit_config(quantization: QuantizationConfig):
+    """The NF4 config every 4-bit load uses (SFT on both engines, merge's qlora gap, reference and dpo)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=quantization.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(quantization))
+
+
+def attention_kwargs(attn_implementation: str) -> dict[str, str]:
+    """`attn_implementation` for from_pretrained: nothing for auto (transformers picks sdpa where it can)."""
+    return {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
 
 
 def freeze_all_but_last_blocks(model: Any, last_n_blocks: int) -> list[str]:
@@ -155,13 +283,20 @@ def _peft_config(lora: LoraConfig):
 def _load_unsloth(spec: TrainSpec):
     from unsloth import FastLanguageModel
 
+    qlora = spec.method == "qlora"
+    kwargs: dict[str, Any] = {}
+    if qlora:  # the 4-bit model merge's qlora gap rebuilds: sft.quantization, not unsloth's own defaults
+        kwargs = {"quantization_config": four_bit_config(spec.quantization),
+                  "dtype": compute_dtype(spec.quantization)}
     model, _ = FastLanguageModel.from_pretrained(
         model_name=spec.model,
         max_seq_length=spec.max_seq_length,
-        dtype=None,
-        load_in_4bit=spec.method == "qlora",
+        load_in_4bit=qlora,
         full_finetuning=spec.method in ("full", "partial"),
+        use_gradient_checkpointing="unsloth" if spec.gradient_checkpointing else False,
+        use_exact_model_name=True,  # never swap in a pre-quantised repo with other quantisation settings
         random_state=spec.seed,
+        **{"dtype": None, **kwargs},
     )
     if spec.method in ("lora", "qlora"):
         model = FastLanguageModel.get_peft_model(
@@ -171,7 +306,7 @@ def _load_unsloth(spec: TrainSpec):
             lora_dropout=spec.lora.dropout,
             bias=spec.lora.bias,
             target_modules=list(spec.lora.target_modules),
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing="unsloth" if spec.gradient_checkpointing else False,
             random_state=spec.seed,
         )
     return model
@@ -179,24 +314,25 @@ def _load_unsloth(spec: TrainSpec):
 
 def _load_transformers(spec: TrainSpec):
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = attention_kwargs(spec.attn_implementation)
+    dtype: Any = torch.float32 if device() == "cpu" else "auto"
     if spec.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=spec.quantization.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(spec.quantization.compute_dtype),
-        )
+        kwargs["quantization_config"] = four_bit_config(spec.quantization)
+        dtype = compute_dtype(spec.quantization)  # what is not quantised computes in it
         # each process of a multi-GPU launch keeps its 4-bit weights on its own GPU
         kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device() == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32 if device() == "cpu" else "auto",
-                                                 **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, **kwargs)
     if spec.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.method in ("lora", "qlora"):
         model = get_peft_model(model, _peft_config(spec.lora))
+        if spec.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
 
 

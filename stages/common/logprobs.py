@@ -9,7 +9,10 @@ length, so batch size and padding side change nothing either.
 - `pair_logprobs` is what evaluation uses: chosen and rejected answers of a preference pair continue from
   one KV cache of their shared prompt, so each prompt runs once instead of twice.
 - `response_logprobs` / `masked_logprobs` score one response per sequence (perplexity uses them).
-- Both run the LM head only from the position before the first scored token on (`logits_to_keep`).
+- Both run the LM head only at scored positions, `memory.logit_chunk_tokens` of them at a time (the backbone's
+  hidden states go through the head chunk by chunk), so full-vocabulary logits never exist for more than one
+  chunk: memory does not grow with vocabulary x tokens x batch. A model that does not expose its backbone and
+  head is scored from its own logits, sliced with `logits_to_keep`.
 - `oracle_response_logprobs` is the slow one-example-at-a-time, unpadded version that the tests and
   `bench/evaluate.py` compare against.
 """
@@ -85,13 +88,87 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
     return out
 
 
-def _logits(model: Any, ids: torch.Tensor, keep: int, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """Logits of the last `keep` positions (the LM head never runs on context-only positions) and the output.
+@dataclass(frozen=True)
+class Head:
+    """A causal LM split where the logits are made: the backbone (hidden states) and the LM head.
+
+    Scoring through it runs the head only on scored positions, `chunk` of them at a time, so full-vocabulary
+    logits never exist for more than one chunk of tokens (`memory.logit_chunk_tokens`)."""
+
+    backbone: Any
+    head: Any
+    softcap: float | None
+    scale: float
+    chunk: int
+
+
+def lm_head(model: Any, chunk_tokens: int | None = None) -> Head | None:
+    """The model's backbone and LM head, or None for a model that does not expose them (it is then scored from
+    the logits it returns, sliced with `logits_to_keep`) or that transforms its logits in a way not handled here."""
+    from stages.common.memory import logit_chunk_tokens
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    backbone = getattr(inner, "base_model", None)
+    config = getattr(inner, "config", None)
+    if head is None or backbone is None or backbone is inner or config is None or not hasattr(head, "weight"):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, k, None) is not None for k in ("lm_head_multiplier", "logits_scaling", "output_multiplier")):
+        return None
+    scale = getattr(text, "logit_scale", None)
+    return Head(backbone, head, getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale,
+                chunk_tokens or logit_chunk_tokens(head.weight.shape[0]))
+
+
+def scored_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of `hidden` (n, hidden size): the LM head and an fp32 log-softmax on `chunk`
+    rows at a time, in place on the chunk's logits (one chunk-sized buffer; two for a 16-bit head)."""
+    n = hidden.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    plain = type(head.head) is torch.nn.Linear  # else (e.g. a PEFT-wrapped head) call the module
+    weight = head.head.weight
+    rows = max(1, min(head.chunk, n))
+    buf = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)  # reused: no heap churn
+    low = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device) \
+        if plain and weight.dtype != torch.float32 else None
+    for start in range(0, n, head.chunk):
+        h = hidden[start : start + head.chunk]
+        if not plain:
+            z = head.head(h).float()
+        elif low is None:
+            z = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+        else:  # a 16-bit head computes in its dtype, as the model's own forward would, then in fp32
+            z = buf[: h.shape[0]].copy_(torch.mm(h, weight.t(), out=low[: h.shape[0]]))
+        if plain and head.head.bias is not None:
+            z.add_(head.head.bias)
+        if head.scale != 1.0:
+            z.mul_(head.scale)
+        if head.softcap is not None:
+            z.div_(head.softcap).tanh_().mul_(head.softcap)
+        z.sub_(z.amax(-1, keepdim=True))
+        picked = z.gather(-1, targets[start : start + h.shape[0]].unsqueeze(-1)).squeeze(-1)
+        out[start : start + head.chunk] = picked - z.exp_().sum(-1).log()
+    return out
+
+
+def _forward(model: Any, head: Head | None, ids: torch.Tensor, keep: int, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """(hidden states, output) through the backbone when the head is known, else (logits of the last `keep`
+    positions, output) from the model itself.
 
     `logits_to_keep` is transformers' own argument; a model that ignores it returns every position, which is
     sliced here instead, so the result is the same either way."""
+    if head is not None:
+        out = head.backbone(input_ids=ids, **kwargs)
+        return out.last_hidden_state[:, -keep:], out
     out = model(input_ids=ids, logits_to_keep=keep, **kwargs)
     return out.logits[:, -keep:], out
+
+
+def _score(head: Head | None, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row of `values`: hidden states through the chunked head, or logits as they are."""
+    return _token_logps(values, targets) if head is None else scored_logps(head, values, targets)
 
 
 def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -122,16 +199,25 @@ def masked_logprobs(
     batch_size: int = 16,
     padding_side: PaddingSide = "right",
     pad_token_id: int = 0,
+    tokens_per_batch: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> LogprobResult:
-    """Batched: summed log-probs of the masked tokens of each sequence (position 0 is never scored)."""
+    """Batched: summed log-probs of the masked tokens of each sequence (position 0 is never scored).
+
+    A batch holds at most `batch_size` rows and, with `tokens_per_batch`, at most that many padded tokens."""
+    from stages.common.memory import rows_for_tokens
+
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     device = next(model.parameters()).device
+    head = lm_head(model, chunk_tokens)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
     logps = [0.0] * len(sequences)
+    start = 0
     with _eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for n in rows_for_tokens([len(sequences[i].input_ids) for i in order], tokens_per_batch, batch_size):
+            idx = order[start : start + n]
+            start += n
             width = max(len(sequences[i].input_ids) for i in idx)
             ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
             attn = torch.zeros((len(idx), width), dtype=torch.long)
@@ -151,9 +237,10 @@ def masked_logprobs(
             keep = width - first + 1
             position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
             ids, attn, mask, position_ids = (t.to(device) for t in (ids, attn, mask, position_ids))
-            logits, _ = _logits(model, ids, keep, attention_mask=attn, position_ids=position_ids, use_cache=False)
+            values, _ = _forward(model, head, ids, keep, attention_mask=attn, position_ids=position_ids,
+                                 use_cache=False)
             scored = mask[:, first:]
-            token_lp = _token_logps(logits[:, :-1][scored], ids[:, first:][scored])
+            token_lp = _score(head, values[:, :-1][scored], ids[:, first:][scored])
             sums = _row_sums(token_lp, scored.nonzero(as_tuple=True)[0], len(idx))
             for row, i in enumerate(idx):
                 logps[i] = sums[row]
@@ -169,11 +256,13 @@ def response_logprobs(
     *,
     batch_size: int = 16,
     padding_side: PaddingSide = "right",
+    tokens_per_batch: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> LogprobResult:
     """Summed log P(response | prompt) over response tokens, per example (batched)."""
     return masked_logprobs(
         model, encode_pairs(tokenizer, prompts, responses), batch_size=batch_size, padding_side=padding_side,
-        pad_token_id=_pad_id(tokenizer),
+        pad_token_id=_pad_id(tokenizer), tokens_per_batch=tokens_per_batch, chunk_tokens=chunk_tokens,
     )
 
 
@@ -181,7 +270,7 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _continue(model: Any, cache: Any, p_attn: torch.Tensor, n_prompt: Sequence[int],
+def _continue(model: Any, head: Head | None, cache: Any, p_attn: torch.Tensor, n_prompt: Sequence[int],
               answers: Sequence[Sequence[int]], pad: int) -> list[float]:
     """Summed log-probs of answer tokens 1.. continuing each row's cached, left-padded prompt."""
     width = max(map(len, answers)) - 1  # the last answer token is never an input
@@ -196,10 +285,10 @@ def _continue(model: Any, cache: Any, p_attn: torch.Tensor, n_prompt: Sequence[i
         attn[row, : len(a) - 1] = 1
     position_ids = torch.tensor(n_prompt)[:, None] + torch.arange(width)  # carry on from each true length
     ids, targets, attn, position_ids = (t.to(p_attn.device) for t in (ids, targets, attn, position_ids))
-    logits, _ = _logits(model, ids, width, attention_mask=torch.cat([p_attn, attn], dim=1),
-                        position_ids=position_ids, past_key_values=cache, use_cache=True)
+    values, _ = _forward(model, head, ids, width, attention_mask=torch.cat([p_attn, attn], dim=1),
+                         position_ids=position_ids, past_key_values=cache, use_cache=True)
     scored = attn.bool()
-    return _row_sums(_token_logps(logits[scored], targets[scored]), scored.nonzero(as_tuple=True)[0], len(answers))
+    return _row_sums(_score(head, values[scored], targets[scored]), scored.nonzero(as_tuple=True)[0], len(answers))
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -218,6 +307,8 @@ def pair_logprobs(
     rejected: Sequence[str],
     *,
     batch_size: int = 16,
+    tokens_per_batch: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> tuple[LogprobResult, LogprobResult]:
     """Summed log P(chosen | prompt) and log P(rejected | prompt) per pair, computing each prompt once.
 
@@ -229,8 +320,11 @@ def pair_logprobs(
     3. The chosen answers continue from the batch's cache and the rejected ones from a copy of it, each
        right-padded to its own width, with position ids carrying on from each prompt's true length.
     Same numbers as `response_logprobs` on each side (tests), with every prompt token computed once per call
-    instead of twice per pair.
+    instead of twice per pair. A batch holds at most `batch_size` pairs and, with `tokens_per_batch`, at most
+    that many tokens of prompt plus longer answer per pair (padded).
     """
+    from stages.common.memory import rows_for_tokens
+
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     enc = {"chosen": encode_pairs(tokenizer, prompts, chosen), "rejected": encode_pairs(tokenizer, prompts, rejected)}
@@ -244,19 +338,25 @@ def pair_logprobs(
     logps: dict[str, list[float]] = {side: [0.0] * len(n_prompt) for side in enc}
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
-    order = sorted(range(len(n_prompt)), key=lambda i: -(len(answers["chosen"][i]) + len(answers["rejected"][i])))
+    head = lm_head(model, chunk_tokens)
+    width_of = {i: n_prompt[i] + max(len(answers["chosen"][i]), len(answers["rejected"][i])) for i in range(len(n_prompt))}
+    order = sorted(range(len(n_prompt)), key=lambda i: -width_of[i])
     with _eval_mode(model):
-        probe = model(input_ids=torch.tensor([prompt_ids[0][: max(shared, 1)]], device=device), use_cache=True,
-                      logits_to_keep=1).past_key_values
+        _, probe = _forward(model, head, torch.tensor([prompt_ids[0][: max(shared, 1)]], device=device), 1,
+                            use_cache=True)
+        probe = probe.past_key_values
         if not hasattr(probe, "batch_repeat_interleave"):  # no transformers KV cache (e.g. a custom model)
             log.info("pair_logprobs: %s returns no reusable KV cache; scoring chosen and rejected separately",
                      type(model).__name__)
             return tuple(  # type: ignore[return-value]
-                masked_logprobs(model, enc[side], batch_size=batch_size, pad_token_id=pad) for side in enc
+                masked_logprobs(model, enc[side], batch_size=batch_size, pad_token_id=pad,
+                                tokens_per_batch=tokens_per_batch, chunk_tokens=chunk_tokens) for side in enc
             )
         prefix = probe if shared else None
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        start = 0
+        for n in rows_for_tokens([width_of[i] for i in order], tokens_per_batch, batch_size):
+            idx = order[start : start + n]
+            start += n
             width = max(n_prompt[i] for i in idx) - shared
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             attn = torch.zeros((len(idx), shared + width), dtype=torch.long)
@@ -271,13 +371,13 @@ def pair_logprobs(
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(idx))
-            last, out = _logits(model, ids, 1, attention_mask=attn, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True)
+            last, out = _forward(model, head, ids, 1, attention_mask=attn, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True)
             caches = {"chosen": out.past_key_values, "rejected": copy.deepcopy(out.past_key_values)}
             for side, side_cache in caches.items():
                 rows = [answers[side][i] for i in idx]
-                first = _token_logps(last[:, -1], torch.tensor([a[0] for a in rows], device=device)).tolist()
-                rest = _continue(model, side_cache, attn, [n_prompt[i] for i in idx], rows, pad)
+                first = _score(head, last[:, -1], torch.tensor([a[0] for a in rows], device=device)).tolist()
+                rest = _continue(model, head, side_cache, attn, [n_prompt[i] for i in idx], rows, pad)
                 for k, i in enumerate(idx):
                     logps[side][i] = first[k] + rest[k]
     return tuple(LogprobResult(logps[side], [sum(e.mask) for e in enc[side]]) for side in enc)  # type: ignore[return-value]
@@ -316,9 +416,12 @@ def perplexity(
     *,
     batch_size: int = 16,
     pad_token_id: int = 0,
+    tokens_per_batch: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> Perplexity:
     """exp(total NLL / total scored tokens) over (input_ids, assistant_masks) rows: one pooled ratio,
     not a mean of per-example perplexities."""
     seqs = [Encoded(list(ids), list(mask)) for ids, mask in rows]
-    res = masked_logprobs(model, seqs, batch_size=batch_size, pad_token_id=pad_token_id)
+    res = masked_logprobs(model, seqs, batch_size=batch_size, pad_token_id=pad_token_id,
+                          tokens_per_batch=tokens_per_batch, chunk_tokens=chunk_tokens)
     return Perplexity(nll=-sum(res.logps), n_tokens=sum(res.n_tokens))

@@ -93,6 +93,7 @@ def test_dpo_trains_on_stored_reference_without_reference_forward(ws, monkeypatc
     assert report["sft_merged_sha256"] == hash_dir(ws / "models" / "sft-merged")
     assert report["sft_merged"] == str(ws / "models" / "sft-merged")
     assert report["ref_logps"].startswith("stored")
+    assert report["quantization"] == "none" and report["gradient_checkpointing"] is True  # lora SFT: 16-bit DPO
     losses = curve(ws / "dvclive" / "dpo", "train/loss")  # DVCLive, the stage's default tracker, at trainer steps
     assert sorted(losses) == list(range(1, 13)) and losses[12] < losses[1] - 0.05, losses
     assert report["eval_rewards_margins"] > 0 and report["peak_rss_mb"] > 0
@@ -119,6 +120,58 @@ def test_stored_reference_trains_like_trls_implicit_reference(ws, monkeypatch):
     for step, loss in stored_curve.items():
         assert loss == pytest.approx(online_curve[step], abs=1e-4), step
     assert stored["eval_rewards_margins"] == pytest.approx(online["eval_rewards_margins"], abs=1e-4)
+
+
+# TRL's precompute under bf16 autocast (fp32 weights, the model's matmuls and the LM head's projection in bf16, the
+# log-softmax in fp32, as in TRL's kernel) differs from the fp32 oracle by at most 4.2e-4 nats per completion token on
+# this workspace's model (fp32: below 1e-5); the tolerance is the bf16 one of tests/stages/test_logprobs.py.
+def test_bf16_reference_logps_match_the_fp32_oracle(ws):
+    """TRL's precompute under bf16 autocast (dpo.trainer.bf16; on CPU through engine.TorchLogProb, chunked) against
+    the fp32 one-at-a-time oracle on the same weights."""
+    from stages.common.logprobs import oracle_response_logprobs
+    from tests.stages.test_logprobs import BF16_TOLERANCE_PER_TOKEN
+
+    p = _params(ws, trainer={**TRAINER, "bf16": True})
+    meta = ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
+    assert meta["precision"] == "bf16"
+    stored = {r["id"]: r for r in read_jsonl(ws / "data" / "reference_logps" / "dpo_train.jsonl")}
+    rows = read_jsonl(ws / "data" / "formatted" / "dpo_train.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(ws / "models" / "sft-merged")
+    tok = AutoTokenizer.from_pretrained(ws / "models" / "sft-merged")
+    worst = 0.0
+    for side in ("chosen", "rejected"):
+        ref = oracle_response_logprobs(model, tok, [r["prompt"] for r in rows], [r[side] for r in rows])
+        for r, logp, n in zip(rows, ref.logps, ref.n_tokens, strict=True):
+            worst = max(worst, abs(stored[r["id"]][f"ref_{side}_logps"] - logp) / n)
+    assert 2e-5 < worst < BF16_TOLERANCE_PER_TOKEN, worst  # > 2e-5: bf16 really ran
+
+
+def test_after_qlora_reference_and_dpo_load_sft_merged_in_4bit(ws, monkeypatch):
+    """dpo.quantization auto: a QLoRA SFT's DPO scores and trains the 4-bit model (NF4, sft.quantization's
+    settings), with gradient checkpointing; stored log-probs of the 16-bit model are refused."""
+    import bitsandbytes as bnb
+
+    from stages.common import engine
+
+    loaded = []
+    real = engine.load_for_training
+
+    def spy(spec):
+        model, tok, name = real(spec)
+        loaded.append((spec.method, sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())))
+        return model, tok, name
+
+    monkeypatch.setattr(ref_stage, "load_for_training", spy)
+    monkeypatch.setattr(dpo_stage, "load_for_training", spy)
+    p = params(ws, model={"max_seq_length": 256}, sft={"engine": "transformers", "method": "qlora"},
+               dpo={"beta": 0.1, "trainer": {**TRAINER, "max_steps": 2}}, reference={"batch_size": 3})
+    meta = ref_stage.reference(p.reference, p.paths, p.dpo, p.sft, p.model)
+    report = dpo_stage.dpo(p.dpo, p.sft, p.model, p.paths)
+    assert meta["quantization"] == report["quantization"] == "nf4" and report["gradient_checkpointing"] is True
+    assert [m for m, _ in loaded] == ["qlora", "qlora"] and all(n == 7 * 2 for _, n in loaded)  # 7 linears x 2 blocks
+    sixteen = p.dpo.model_copy(update={"quantization": "none"})
+    with pytest.raises(InputError, match="another quantization"):
+        dpo_stage.dpo(sixteen, p.sft, p.model, p.paths)
 
 
 def test_stale_reference_is_refused(ws):

@@ -55,6 +55,7 @@ def test_every_method_trains_and_loads_with_plain_transformers(trained, method, 
     ws, report = trained(method)
     monkeypatch.chdir(ws)  # tuneforge.json names the base relative to the workspace
     assert report["method"] == method and report["engine"] == "transformers"
+    assert report["gradient_checkpointing"] is True  # sft.gradient_checkpointing, on every method by default
     assert report["steps"] == 6 and sorted(curve(ws / "dvclive/sft", "train/loss")) == [1, 2, 3, 4, 5, 6]
     adapter = (ws / "models/sft/adapter_config.json").exists()
     assert adapter == (method in ("lora", "qlora"))
@@ -198,20 +199,89 @@ def test_labels_follow_the_assistant_mask(tiny, tmp_path):
     assert sft_stage.loss_tokens(trainer.train_dataset)[0] == sum(sum(r["assistant_masks"]) for r in rows)
 
 
-def test_packing_only_with_attention_that_keeps_examples_apart():
-    for impl, allowed in [("eager", False), ("sdpa", False), ("flash_attention_2", True),
-                          ("flash_attention_3", True)]:
+def test_packing_only_where_attention_keeps_examples_apart():
+    for impl, allowed in [("eager", True), ("sdpa", True), ("flash_attention_2", True), ("flex_attention", False)]:
         ok, why = sft_stage.packing_allowed(SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl)))
         assert ok is allowed and impl in why
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    ok, why = sft_stage.packing_allowed(model, {"packing_strategy": "wrapped"})
+    assert not ok and "wrapped" in why  # cut mid-example, no boundaries in the position ids
+
+
+@pytest.fixture(scope="module")
+def packed_batch(tiny, tmp_path_factory):
+    """One batch from TRL's own packing + padding-free collation of the tiny SFT rows, and the rows it holds."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.common.engine import load_tokenizer
+    from stages.common.training import load_rows
+
+    rows = load_rows(tiny / "data/formatted/sft_train.jsonl", ("input_ids", "assistant_masks"))
+    model, _ = load_for_inference(tiny / "models/base")
+    args = SFTConfig(output_dir=str(tmp_path_factory.mktemp("packed")), report_to=[], use_cpu=True, max_length=1024,
+                     packing=True, per_device_train_batch_size=2, bf16=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=load_tokenizer(tiny / "data/formatted/tokenizer"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    return batch, rows
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_equals_unpacked_per_example(tiny, packed_batch, impl):
+    """TRL's padding-free packing (position ids, no attention mask, no KV cache: TRL's training forward passes
+    use_cache=False) on sdpa and eager: every packed example's logits and loss equal the example run alone. The
+    same packed row with an all-ones mask, or with a KV cache (transformers then skips the packed-sequence check),
+    lets examples attend to each other: the check can fail."""
+    from transformers import AutoModelForCausalLM
+
+    batch, rows = packed_batch
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # padding-free: one flat row
+    model = AutoModelForCausalLM.from_pretrained(tiny / "models/base", attn_implementation=impl).eval()
+    assert model.config._attn_implementation == impl
+    ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+    starts = (pos[0] == 0).nonzero().flatten().tolist()
+    ends = [*starts[1:], int((pos[0] > 0).nonzero().max()) + 1]
+    assert len(starts) >= 3  # several examples in the row
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        leaky = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+        cached = model(input_ids=ids, position_ids=pos, use_cache=True).logits[0]
+    by_ids = {tuple(r["input_ids"]): r for r in rows}
+    worst = leak = cache_leak = 0.0
+    for start, end in zip(starts, ends, strict=True):
+        example = ids[0, start:end]
+        assert tuple(example.tolist()) in by_ids  # a whole formatted row, not a cut
+        with torch.no_grad():
+            alone = model(input_ids=example[None]).logits[0]
+        worst = max(worst, float((packed[start:end] - alone).abs().max()))
+        leak = max(leak, float((leaky[start:end] - alone).abs().max()))
+        cache_leak = max(cache_leak, float((cached[start:end] - alone).abs().max()))
+        lab = labels[0, start + 1 : end]
+        scored = lab != -100
+        loss_packed = torch.nn.functional.cross_entropy(packed[start : end - 1][scored], lab[scored])
+        loss_alone = torch.nn.functional.cross_entropy(alone[:-1][scored], lab[scored])
+        assert float(loss_packed) == pytest.approx(float(loss_alone), abs=1e-5)
+    assert worst < 1e-5, worst  # measured ~1e-7 (fp32)
+    assert leak > 1e-3 and cache_leak > 1e-3, (leak, cache_leak)  # no block-diagonal mask: examples see each other
 
 
 @pytest.mark.slow
-def test_packing_requested_on_cpu_is_turned_off_with_the_reason_logged(tiny, tmp_path, monkeypatch, caplog):
-    ws = workspace(tiny, tmp_path, {"sft": {"trainer": {**QUICK, "max_steps": 1, "packing": True}}})
+def test_packing_requested_on_cpu_is_kept_on_sdpa(tiny, tmp_path, monkeypatch):
+    ws = workspace(tiny, tmp_path, {"model": {"attn_implementation": "sdpa"},
+                                    "sft": {"trainer": {**QUICK, "max_steps": 1, "packing": True}}})
+    report = run_sft(ws, monkeypatch)
+    assert report["packing"] is True and report["attn_implementation"] == "sdpa"
+
+
+@pytest.mark.slow
+def test_packing_with_a_strategy_that_cuts_examples_is_turned_off(tiny, tmp_path, monkeypatch, caplog):
+    ws = workspace(tiny, tmp_path, {"sft": {"trainer": {**QUICK, "max_steps": 1, "packing": True,
+                                                        "packing_strategy": "wrapped"}}})
     with caplog.at_level(logging.WARNING, logger="stages.sft"):
         report = run_sft(ws, monkeypatch)
     assert report["packing"] is False
-    assert any("packing off" in r.message and "attend to each other" in r.message for r in caplog.records)
+    assert any("packing off" in r.message and "wrapped" in r.message for r in caplog.records)
 
 
 def test_missing_formatted_data_names_the_file(tiny, tmp_path, monkeypatch):

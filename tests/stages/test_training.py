@@ -405,3 +405,4 @@ def test_trl_dpo_sees_the_tokens_format_checked(adds_bos, tmp_path):
         plain = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
                            train_dataset=Dataset.from_list(rows))
         assert plain.train_dataset[0]["prompt_ids"][:2] == [tok.bos_token_id] * 2
+

@@ -41,6 +41,8 @@ def test_every_preset_loads_and_trl_accepts_its_trainer_sections(preset):
     ("sft", "hub_token", "HF_TOKEN"), ("dpo", "beta", "dpo.beta"), ("dpo", "max_length", "model.max_seq_length"),
     ("dpo", "precompute_ref_log_probs", "the `reference` stage"),
     ("dpo", "precompute_ref_batch_size", "reference.batch_size"),
+    ("sft", "gradient_checkpointing", "sft.gradient_checkpointing"),
+    ("dpo", "gradient_checkpointing", "dpo.gradient_checkpointing"),
 ])
 def test_keys_the_stage_owns_are_refused_naming_where_to_set_them(section, key, where):
     data = read_yaml(ROOT / "params.yaml")

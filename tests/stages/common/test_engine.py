@@ -85,3 +85,78 @@ def test_both_engines_train_and_write_adapters_plain_peft_loads(tiny, tmp_path, 
     assert json.loads((ws / "models/sft/tuneforge.json").read_text())["engine"] == engine
     loaded = json.loads(run_python(LOAD_ADAPTER, ws).strip().splitlines()[-1])
     assert loaded["finite"] and loaded["lora_tensors"] > 0
+
+
+def _full_logits_logprob(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
+    """What TorchLogProb computed before it was chunked: full logits for every position, plain autograd (the
+    projection under the caller's autocast, the rest in fp32)."""
+    z = torch.nn.functional.linear(hidden.float(), weight.float(), bias.float()).float()
+    with torch.autocast("cpu", enabled=False):
+        z = z * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        log_z = torch.logsumexp(z, dim=-1)
+        log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+        entropy = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
+        with torch.no_grad():
+            log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * log_z
+            return log_probs, entropy, log_sum_sq, z.mean(-1), z.argmax(-1) == targets
+
+
+@pytest.mark.parametrize("softcap,scale,temperature", [(None, 1.0, 1.0), (30.0, 0.5, 0.7)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_logprob_is_chunked_and_equals_full_logits(monkeypatch, softcap, scale, temperature, autocast):
+    """TRL's LM-head kernel stand-in: the same outputs and gradients as one full-vocabulary autograd pass, with
+    logits for at most one chunk of positions (chunks of 3 of 10 positions here). Under bf16 autocast the outputs
+    are still equal; the gradients, accumulated in fp32 as TRL's kernel does, are at least as close to the fp32
+    gradients as autograd's bf16 ones."""
+    from stages.common import memory
+    from stages.common.engine import TorchLogProb
+
+    vocab, hidden_size, n = 50, 8, 10
+    monkeypatch.setattr(memory, "LOGIT_CHUNK_BYTES", memory.LOGIT_COPIES * 4 * vocab * 3)
+    assert memory.logit_chunk_tokens(vocab) == 3
+    torch.manual_seed(0)
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    bias = torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    from stages.common import engine
+
+    seen = []
+    real_project = engine._project
+
+    def counting_project(x, *args, **kwargs):  # every projection of the head, forward and backward
+        seen.append(x.shape[0])
+        return real_project(x, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_project", counting_project)
+
+    def run(fn, amp):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fn(hidden, weight, bias, targets, temperature, softcap, scale, outputs)
+        rows = list(seen)
+        (out[0].sum() * 0.3 + out[1].sum() * 0.7).backward()
+        return [o.detach().clone() for o in out], [t.grad.clone() for t in (hidden, weight, bias)], (rows, seen[len(rows):])
+
+    chunked = lambda *a: TorchLogProb.apply(*a[:5], 32768, *a[5:])  # noqa: E731
+    c_out, c_grad, c_rows = run(chunked, autocast)
+    f_out, f_grad, _ = run(_full_logits_logprob, autocast)
+    forward_rows, backward_rows = c_rows
+    assert max(forward_rows) == 3 and sum(forward_rows) == n  # never more than one chunk of positions at full vocabulary
+    assert max(backward_rows) == 3 and sum(backward_rows) == n  # the backward recomputes them the same way
+    for a, b in zip(c_out, f_out, strict=True):
+        assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, atol=1e-5, rtol=0)
+    if not autocast:
+        for a, b in zip(c_grad, f_grad, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    else:
+        _, exact, _ = run(_full_logits_logprob, False)
+        for ours, autograd, want in zip(c_grad, f_grad, exact, strict=True):
+            assert (ours - want).abs().max() <= 1.5 * (autograd - want).abs().max() + 1e-6
+    assert c_grad[0].abs().sum() > 0 and c_grad[1].abs().sum() > 0
