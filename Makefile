@@ -34,8 +34,11 @@ run: install
 	$(VENV)/bin/dvc repro
 	@echo; echo "Eval table: reports/eval.md"; cat reports/eval.md
 
+# Two pytest workers, whole files each (module fixtures are built once), one torch thread per worker: the
+# serial suite kept one of the two cores idle most of the time (subprocess start-up, DVC, Prefect waits).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
