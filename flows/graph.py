@@ -17,8 +17,19 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def lookup(params: Any, dotted: str, default: Any = None) -> Any:
+    """The value at a dotted key of loaded YAML (`""` = the whole document), or default when any part is missing."""
+    node = params
+    for key in filter(None, dotted.split(".")):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
 
 
 class GraphError(ValueError):

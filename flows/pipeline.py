@@ -29,7 +29,7 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from flows import placement
-from flows.graph import GraphError, StageGraph, read_graph
+from flows.graph import GraphError, StageGraph, lookup, read_graph
 from flows.placement import PlacementError
 from flows.repro import STATE_NAMES, run_dvc_stage
 
@@ -60,15 +60,6 @@ def read_params(root: Path) -> dict[str, Any]:
         return {}
     data = yaml.safe_load(path.read_text()) or {}
     return data if isinstance(data, dict) else {}
-
-
-def lookup(params: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = params
-    for key in dotted.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
 
 
 def _is_off(value: Any) -> bool:

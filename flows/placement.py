@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from flows.graph import StageGraph
+from flows.graph import StageGraph, lookup
 from flows.repro import OUTCOME_OF_STATE, RESTORED, SKIPPED, WOULD_RUN, StageFailed, run_dvc, run_dvc_stage
 from stages.common.config import PlacementConfig
 
@@ -97,14 +97,6 @@ def _git_yaml(root: Path, rev: str, path: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _lookup(data: Any, dotted: str) -> Any:
-    for key in filter(None, dotted.split(".")):
-        if not isinstance(data, Mapping) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
 def uncommitted_inputs(root: Path, graph: StageGraph, stage: str) -> list[str]:
     """What the stage runs that differs from the commit: dvc.yaml, its git-tracked deps, its params values.
 
@@ -113,10 +105,14 @@ def uncommitted_inputs(root: Path, graph: StageGraph, stage: str) -> list[str]:
     files = ["dvc.yaml", *(d for d in graph.deps.get(stage, ()) if graph.producer(d) is None)]
     status = git(root, "status", "--porcelain", "--untracked-files=all", "--", *files)
     changed = sorted({line[3:].strip() for line in status.splitlines() if line.strip()})
-    for file, key in graph.params.get(stage, ()):
+    params = graph.params.get(stage, ())
+    versions = {}  # file -> (workspace, HEAD): each read once, however many of its keys the stage tracks
+    for file in dict.fromkeys(f for f, _ in params):
         path = root / file
-        here = yaml.safe_load(path.read_text()) if path.exists() else None
-        if _lookup(here, key) != _lookup(_git_yaml(root, "HEAD", file), key):
+        versions[file] = (yaml.safe_load(path.read_text()) if path.exists() else None, _git_yaml(root, "HEAD", file))
+    for file, key in params:
+        here, committed = versions[file]
+        if lookup(here, key) != lookup(committed, key):
             changed.append(f"{file}:{key or '(whole file)'}")
     return changed
 
