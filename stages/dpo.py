@@ -71,12 +71,14 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     eval_file = require(paths.formatted / "dpo_eval.jsonl", "formatted DPO data")
     train_rows, eval_rows = load_rows(train_file, COLUMNS), load_rows(eval_file, COLUMNS)
     sft_merged_hash = hash_dir(sft_merged)
+    quantization = dpo_quantization(cfg, sft_cfg)
     ref_inputs = []
     if ref_logps == "stored":  # checked before any model is loaded
         settings = (sft_merged_engine(paths, sft_cfg), model_cfg.max_seq_length, mixed_precision(cfg.trainer),
-                    sft_merged_hash, dpo_quantization(cfg, sft_cfg))
-        train_rows = with_reference(train_rows, load_reference_logps(paths, "dpo_train", *settings))
-        eval_rows = with_reference(eval_rows, load_reference_logps(paths, "dpo_eval", *settings))
+                    sft_merged_hash, quantization)
+        stored = load_reference_logps(paths, ("dpo_train", "dpo_eval"), *settings)
+        train_rows = with_reference(train_rows, stored["dpo_train"])
+        eval_rows = with_reference(eval_rows, stored["dpo_eval"])
         ref_inputs = [paths.reference_logps / "dpo_train.jsonl", paths.reference_logps / "dpo_eval.jsonl"]
     else:
         train_rows = [{c: r[c] for c in COLUMNS[1:]} for r in train_rows]
@@ -90,7 +92,7 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
     evaluation = Dataset.from_list(trl_text_rows(tokenizer, eval_rows))
     key = run_key([train_file, eval_file, *ref_inputs],
                   {"dpo": cfg.model_dump(), "model": model_cfg.model_dump(), "sft_merged": sft_merged_hash,
-                   "engine": engine, "ref_logps": ref_logps, "quantization": dpo_quantization(cfg, sft_cfg)})
+                   "engine": engine, "ref_logps": ref_logps, "quantization": quantization})
     out_dir = checkpoint_dir(paths.checkpoints, "dpo", key)
     # fp32 on CPU unless dpo.trainer says otherwise (trl_config); checkpointing as the engine prepared the model
     args = trl_config(TrlDPOConfig, "dpo.trainer", cfg.trainer, output_dir=str(out_dir), beta=cfg.beta,
@@ -125,7 +127,7 @@ def dpo(cfg: DpoConfig, sft_cfg: SftConfig, model_cfg: ModelConfig, paths: Paths
         "steps": trainer.state.global_step,
         "beta": cfg.beta,
         "engine": engine,
-        "quantization": dpo_quantization(cfg, sft_cfg),
+        "quantization": quantization,
         "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "sft_merged": str(sft_merged),
         "sft_merged_sha256": sft_merged_hash,

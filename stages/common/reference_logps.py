@@ -12,6 +12,7 @@ a DVC dep or param of `reference` (the engine through sft-merged's own record, t
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 from stages.common.config import DpoConfig, ModelConfig, PathsConfig, SftConfig
@@ -72,10 +73,11 @@ def expected_meta(paths: PathsConfig, engine: str, max_length: int | None, mixed
     }
 
 
-def load_reference_logps(paths: PathsConfig, split: str, engine: str, max_length: int | None,
+def load_reference_logps(paths: PathsConfig, splits: Sequence[str], engine: str, max_length: int | None,
                          mixed_precision: str, sft_merged_sha256: str | None = None,
-                         quantization: str = "none") -> dict[str, dict[str, float]]:
-    """Stored ref log-probs by pair id, after checking they belong to this sft-merged, data, engine and settings.
+                         quantization: str = "none") -> dict[str, dict[str, dict[str, float]]]:
+    """Each split's stored ref log-probs by pair id, after checking (once) they belong to this sft-merged, data,
+    engine and settings.
 
     Pairs TRL drops (a prompt that fills max_length) have none; `dpo` drops them too."""
     folder = require(paths.reference_logps, "stored DPO reference log-probs")
@@ -85,7 +87,7 @@ def load_reference_logps(paths: PathsConfig, split: str, engine: str, max_length
     if stale:
         raise InputError(f"{folder / META}: stored reference log-probs were computed for another {', '.join(stale)} "
                          "(run `dvc repro reference`)")
-    path = folder / f"{split}.jsonl"
-    return {r["id"]: {"ref_chosen_logps": float(r["ref_chosen_logps"]),
-                      "ref_rejected_logps": float(r["ref_rejected_logps"])}
-            for r in load_rows(path, ("id", "ref_chosen_logps", "ref_rejected_logps"))}
+    return {split: {r["id"]: {"ref_chosen_logps": float(r["ref_chosen_logps"]),
+                              "ref_rejected_logps": float(r["ref_rejected_logps"])}
+                    for r in load_rows(folder / f"{split}.jsonl", ("id", "ref_chosen_logps", "ref_rejected_logps"))}
+            for split in splits}

@@ -206,7 +206,8 @@ def test_reference_and_dpo_load_sft_merged_on_the_engine_it_records(ws, monkeypa
     assert sft_merged_engine(p.paths, auto) == dpo_spec(p.paths, p.dpo, auto, p.model).engine == "transformers"
     meta = ref_stage.reference(p.reference, p.paths, p.dpo, auto, p.model)
     assert meta["engine"] == "transformers"
-    assert load_reference_logps(p.paths, "dpo_train", sft_merged_engine(p.paths, auto), 256, "fp32")  # dpo's check
+    stored = load_reference_logps(p.paths, ["dpo_train"], sft_merged_engine(p.paths, auto), 256, "fp32")
+    assert stored["dpo_train"]  # dpo's check
     (ws / "models" / "sft-merged" / "tuneforge.json").unlink()  # no record: sft.engine resolved here
     assert sft_merged_engine(p.paths, auto) == "unsloth"
 
