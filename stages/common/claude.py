@@ -559,13 +559,15 @@ class ClaudeClient:
         self.acct.sent += 1
         self._account(req, attempt, message)
 
-    def _account(self, req: ClaudeRequest, attempt: int, message: dict[str, Any]) -> None:
-        """Tokens, cost and prompt-cache activity of one paid answer, as its `usage` reports them."""
+    def _account(self, req: ClaudeRequest | None, attempt: int, message: dict[str, Any]) -> None:
+        """Tokens, cost and prompt-cache activity of one paid answer, as its `usage` reports them (no prompt-cache
+        activity when req is None: a batch answer to a request this run does not ask)."""
         tokens = _usage_tokens(message)
         self.acct.reasks += attempt > 0
         self.acct.tokens.update(tokens)
         self.acct.cost_usd += self._cost(message)
-        self._prefix_stats(req).add(tokens)
+        if req is not None:
+            self._prefix_stats(req).add(tokens)
 
     def _prefix_stats(self, req: ClaudeRequest) -> PrefixStats:
         stats = self.acct.prompt_cache.setdefault(req.template_version, PrefixStats())
@@ -760,12 +762,8 @@ class ClaudeClient:
                 message["via"] = "batch"
                 if self.cache.get(key, attempt) is None:
                     self.cache.put(key, attempt, "batch", message)
-                    if key in self._requests:
-                        self._account(self._requests[key], attempt, message)
-                    else:  # a batch submitted by an earlier run for requests this run does not ask
-                        self.acct.reasks += attempt > 0
-                        self.acct.tokens.update(_usage_tokens(message))
-                        self.acct.cost_usd += self._cost(message)
+                    # None: a batch submitted by an earlier run for requests this run does not ask
+                    self._account(self._requests.get(key), attempt, message)
             else:
                 error = getattr(getattr(result, "error", None), "error", None)
                 if getattr(error, "type", "") == "invalid_request_error" and _PARAM_REJECTED.search(error.message):
