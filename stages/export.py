@@ -339,8 +339,7 @@ def model_card(params: Params, report: dict[str, Any], reports: Path, lock: Path
         recipe.pop("base")
     base_line = ("a ~1M-parameter Llama built and pretrained from scratch by tuneforge's `base` stage (`model.base: tiny`)"
                  if params.model.is_tiny else f"[{params.model.base}](https://huggingface.co/{params.model.base})")
-    ggufs = [f["file"] for f in report["formats"].values() if "file" in f]
-    gguf_q = next((g for g in ggufs if "q8_0" in g), ggufs[0] if ggufs else None)
+    gguf_q = report["gguf"]  # the one the Modelfile runs
     lines = [
         f"# {persona.name}",
         "",
@@ -461,14 +460,15 @@ def export(params: Params, lock: Path = Path("dvc.lock")) -> dict[str, Any]:
             result = check_gguf(file, tokenizer, samples, reference, cfg.tolerance[outtype], n_ctx)
             report["formats"][f"gguf-{outtype}"] = {**result, "pre_tokenizer": pre}
             timings[outtype] = round(time.perf_counter() - t0, 2)
+    report["gguf"] = None  # the GGUF to run (the Modelfile's and the card's): q8_0, else f16, else the first
     if cfg.gguf:
         chosen = next((t for t in ("q8_0", "f16") if t in cfg.gguf), cfg.gguf[0])
+        name = report["gguf"] = gguf_path(final, params.generate.persona.name, chosen).name
         template = ollama_template(tokenizer)
         if template is None:
             report["modelfile"] = None
             log.warning("no Ollama template is known for this chat template: Modelfile not written")
         else:
-            name = gguf_path(final, params.generate.persona.name, chosen).name
             (final / "Modelfile").write_text(modelfile(name, template, params.generate.persona.system_prompt,
                                                        end_of_turn(tokenizer), n_ctx))
             report["modelfile"] = {"gguf": name}
