@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stages.common.base_ref import BASE_REF, base_model_id  # noqa: F401  (re-exported for the stages)
+from stages.common.base_ref import base_model_id
 from stages.common.config import Engine, LoraConfig, Method, PartialConfig, QuantizationConfig
 from stages.common.io import InputError, require, write_json
 
