@@ -123,11 +123,12 @@ def run_stage(
         outcome = placed.outcome
     seconds = round(time.perf_counter() - start, 2)
     logger.info("stage %r: %s (%.1f s)", stage, outcome, seconds)
-    result = StageResult(stage, outcome, seconds)
     message = f"DVC {outcome} stage {stage!r}"
     if placed is not None and placed.pool:
         result = StageResult(stage, outcome, seconds, placed.pool, placed.worker, placed.url)
         message += f" (worker {placed.worker!r}, flow run {placed.flow_run!r} {placed.url or ''})"
+    else:
+        result = StageResult(stage, outcome, seconds)
     # A Completed state named after the outcome, so the dashboard shows Skipped / Restored / Ran on pool X.
     return Completed(name=STATE_NAMES.get(outcome, outcome[:1].upper() + outcome[1:]), message=message,
                      data=result)

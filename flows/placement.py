@@ -19,6 +19,7 @@ deployment and an online worker.
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import time
@@ -246,20 +247,29 @@ def _worker_problem(client: Any, pool: str, worker: str | None) -> str | None:
     return None
 
 
-def _forward_logs(client: Any, flow_run_id: Any, seen: set, logger: Any, prefix: str) -> bool:
+LOG_LAG_S = 60.0  # how far behind the newest forwarded line a late-arriving remote log line may be dated
+
+
+def _forward_logs(client: Any, flow_run_id: Any, seen: dict, logger: Any, prefix: str) -> bool:
     """Log the remote flow run's new log lines into this task's log, in their order; True once its last line
-    (Prefect's "Finished in state ...") has come."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    (Prefect's "Finished in state ...") has come.
+
+    `seen` maps forwarded line ids to their timestamps. Each poll reads only the lines dated after the newest
+    one forwarded less LOG_LAG_S (a worker ships its lines in batches, so one can arrive after a later-dated
+    one), not the whole log again: a long stage's log is read about once, not once per poll."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
     from prefect.client.schemas.sorting import LogSort
 
+    since = max(seen.values()) - datetime.timedelta(seconds=LOG_LAG_S) if seen else None
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                           timestamp=LogFilterTimestamp(after_=since) if since else None)
     offset, finished = 0, False
     while True:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC)
+        logs = client.read_logs(log_filter=log_filter, limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC)
         for entry in logs:
             finished = finished or entry.message.startswith("Finished in state")
             if entry.id not in seen:
-                seen.add(entry.id)
+                seen[entry.id] = entry.timestamp
                 logger.log(entry.level, "%s %s", prefix, entry.message)
         if len(logs) < 200:
             return finished
@@ -275,7 +285,7 @@ def follow(flow_run_id: Any, stage: str, pool: str, logger: Any) -> tuple[Any, s
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    seen: set = set()
+    seen: dict = {}
     worker = None
     with get_client(sync_client=True) as client:
         while True:

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from stages.common import offline
-from stages.common.base_ref import BASE_REF, hub_snapshot, resolve_base
+from stages.common.base_ref import BASE_REF, resolve_base
 from stages.common.config import BaseConfig, HeldoutConfig, ModelConfig, load_params
 from stages.common.io import InputError, run_main, write_json, write_jsonl
 from stages.common.templates import LLAMA3, ChatTemplate, set_end_of_turn_eos
@@ -177,8 +177,7 @@ def base(model_cfg: ModelConfig, cfg: BaseConfig, output: Path, corpus_dir: Path
     output.mkdir(parents=True, exist_ok=True)
     template = LLAMA3
     if not model_cfg.is_tiny:
-        ref = resolve_base(model_cfg)
-        source = ref["base"] if "sha256" in ref else str(hub_snapshot(ref["base"], ref["commit"], weights=False))
+        ref, source = resolve_base(model_cfg)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:

@@ -66,16 +66,15 @@ def base_model_id(base_dir: Path | str) -> str:
     return ref["base"]
 
 
-def resolve_base(model_cfg: ModelConfig) -> dict:
-    """What base_ref.json records, so that DVC sees any change of the weights in models/base: a local folder's
-    content hash (and file stats for a cheap check at load time), or a hub base's resolved commit."""
+def resolve_base(model_cfg: ModelConfig) -> tuple[dict, Path]:
+    """What base_ref.json records, so that DVC sees any change of the weights in models/base (a local folder's
+    content hash and file stats for a cheap check at load time, or a hub base's resolved commit), and the folder
+    holding its tokenizer (the local folder, or the hub snapshot at that commit without its weights)."""
     local = Path(model_cfg.base)
     if local.is_dir():
-        return {"base": str(local), "sha256": hash_dir(local), "files": file_stats(local)}
+        return {"base": str(local), "sha256": hash_dir(local), "files": file_stats(local)}, local
     if local.exists() or model_cfg.base.startswith((".", "/")):
         raise InputError(f"params.yaml: model.base={model_cfg.base!r}: not a folder holding a model")
     snapshot = hub_snapshot(model_cfg.base, model_cfg.revision, weights=False)
     log.info("model.base %s at revision %s = commit %s", model_cfg.base, model_cfg.revision, snapshot.name)
-    return {"base": model_cfg.base, "revision": model_cfg.revision, "commit": snapshot.name}
-
-
+    return {"base": model_cfg.base, "revision": model_cfg.revision, "commit": snapshot.name}, snapshot

@@ -48,7 +48,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.graph import StageGraph, read_graph
 from flows.pipeline import pipeline
 from flows.placement import (
+    LOG_LAG_S,
     PlacementError,
+    _forward_logs,
     check_dvc_remote,
     check_on_git_server,
     check_pools,
@@ -238,6 +240,47 @@ def test_the_index_graph_says_which_stages_the_run_cache_cannot_carry(tmp_path: 
     assert graph.no_run_cache == {"p": "output p.txt is persist: true",
                                   "m": "output m.json is cache: false (not restorable in another clone)",
                                   "n": "no deps"}
+
+
+class FakeLogs:
+    """A Prefect client's read_logs over a list of lines that grows, honouring the timestamp filter and paging."""
+
+    def __init__(self) -> None:
+        self.lines: list[Any] = []
+        self.read = 0  # lines returned, over all calls
+
+    def add(self, message: str, at: float) -> None:
+        import datetime as dt
+        from types import SimpleNamespace
+
+        stamp = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=at)
+        self.lines.append(SimpleNamespace(id=len(self.lines), level=logging.INFO, message=message, timestamp=stamp))
+
+    def read_logs(self, log_filter, limit, offset, sort):
+        after = log_filter.timestamp.after_ if log_filter.timestamp else None
+        rows = sorted((x for x in self.lines if after is None or x.timestamp >= after), key=lambda x: x.timestamp)
+        page = rows[offset : offset + limit]
+        self.read += len(page)
+        return page
+
+
+def test_remote_logs_are_forwarded_once_and_read_about_once(caplog) -> None:
+    import uuid
+
+    client, seen, logger, run = FakeLogs(), {}, logging.getLogger("placement-logs"), uuid.uuid4()
+    for i in range(450):  # three pages
+        client.add(f"line {i}", at=i)
+    with caplog.at_level(logging.INFO, logger="placement-logs"):
+        assert not _forward_logs(client, run, seen, logger, "[gpu/w]")
+        first = client.read
+        client.add("late line", at=449 - LOG_LAG_S / 2)  # shipped after a later-dated line, within the lag
+        client.add("Finished in state Completed()", at=451)
+        assert _forward_logs(client, run, seen, logger, "[gpu/w]")
+        assert _forward_logs(client, run, seen, logger, "[gpu/w]")  # the last line stays in the window
+    forwarded = [r.getMessage() for r in caplog.records if r.name == "placement-logs"]
+    assert forwarded[:450] == [f"[gpu/w] line {i}" for i in range(450)]
+    assert forwarded[450:] == ["[gpu/w] late line", "[gpu/w] Finished in state Completed()"]
+    assert first == 450 and client.read - first < 2 * (LOG_LAG_S + 3)  # later polls read the window, not all
 
 
 # ---------------------------------------------------------------- API helpers
