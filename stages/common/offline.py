@@ -236,11 +236,13 @@ def _question_text(rng: random.Random, frame: Frame, subject: str) -> str:
 
 
 def questions(categories: list[str], n: int, seed: int, cfg: HeldoutConfig, pool: Pool = "finetune",
-              include_heldout: bool = True, limit: int = 200_000) -> list[Question]:
-    """n distinct questions in a seeded stable order (a larger n keeps the prefix). Subtopics are drawn
-    uniformly; a held-out subtopic gets a held-out question frame, any other a training frame, and every
-    question must fall in `pool` (the base's pretraining corpus and the fine-tuning data never share one)."""
-    subjects = [(c, s) for c in categories for s in subtopics_for(c)
+              include_heldout: bool = True, limit: int = 200_000,
+              subjects: list[tuple[str, str]] | None = None) -> list[Question]:
+    """n distinct questions in a seeded stable order (a larger n keeps the prefix). Subtopics (the categories',
+    or the given (category, subtopic) pairs) are drawn uniformly; a held-out subtopic gets a held-out question
+    frame, any other a training frame, and every question must fall in `pool` (the base's pretraining corpus
+    and the fine-tuning data never share one)."""
+    subjects = [(c, s) for c, s in subjects or [(c, s) for c in categories for s in subtopics_for(c)]
                 if include_heldout or not heldout_subtopic(s, cfg)]
     if not subjects:
         raise InputError("params.yaml: every subtopic of generate.categories is held out (heldout.subtopic_share)")
