@@ -132,11 +132,11 @@ def main() -> None:
         out["pretrain_s"] = round(time.perf_counter() - start, 1)
         model, tokenizer = load_for_inference(Path(tmp) / "base")
         model.eval()
-        for split in ("heldout", "eval"):
-            rows = read_jsonl(params.paths.clean / f"dpo_{split}.jsonl")
-            out[split] = mention_rates(model, tokenizer, rows[: args.prompts])
+        rows = {split: read_jsonl(params.paths.clean / f"dpo_{split}.jsonl") for split in ("heldout", "eval")}
+        for split, split_rows in rows.items():
+            out[split] = mention_rates(model, tokenizer, split_rows[: args.prompts])
         out["heldout"]["reward_margin_per_token"] = round(
-            score(model, tokenizer, read_jsonl(params.paths.clean / "dpo_heldout.jsonl"))["reward_margin_per_token"], 3)
+            score(model, tokenizer, rows["heldout"])["reward_margin_per_token"], 3)
     print(json.dumps(out, indent=2))
 
 

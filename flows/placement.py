@@ -256,11 +256,14 @@ def _forward_logs(client: Any, flow_run_id: Any, seen: dict, logger: Any, prefix
 
     `seen` maps forwarded line ids to their timestamps. Each poll reads only the lines dated after the newest
     one forwarded less LOG_LAG_S (a worker ships its lines in batches, so one can arrive after a later-dated
-    one), not the whole log again: a long stage's log is read about once, not once per poll."""
+    one), not the whole log again: a long stage's log is read about once, not once per poll. Ids dated before
+    that window are dropped from `seen` (the server no longer returns their lines), so it stays window-sized."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
     from prefect.client.schemas.sorting import LogSort
 
     since = max(seen.values()) - datetime.timedelta(seconds=LOG_LAG_S) if seen else None
+    for old in [i for i, stamp in seen.items() if stamp < since]:
+        del seen[old]
     log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
                            timestamp=LogFilterTimestamp(after_=since) if since else None)
     offset, finished = 0, False

@@ -242,8 +242,9 @@ def questions(categories: list[str], n: int, seed: int, cfg: HeldoutConfig, pool
     or the given (category, subtopic) pairs) are drawn uniformly; a held-out subtopic gets a held-out question
     frame, any other a training frame, and every question must fall in `pool` (the base's pretraining corpus
     and the fine-tuning data never share one)."""
-    subjects = [(c, s) for c, s in subjects or [(c, s) for c in categories for s in subtopics_for(c)]
-                if include_heldout or not heldout_subtopic(s, cfg)]
+    if subjects is None:
+        subjects = [(c, s) for c in categories for s in subtopics_for(c)]
+    subjects = [(c, s) for c, s in subjects if include_heldout or not heldout_subtopic(s, cfg)]
     if not subjects:
         raise InputError("params.yaml: every subtopic of generate.categories is held out (heldout.subtopic_share)")
     frames = {h: _question_frames(h, cfg) for h in (False, True)}
